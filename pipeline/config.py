@@ -1,0 +1,338 @@
+"""One dataclass config tree for a TST run (Levanter style).
+
+Why one tree: the same dotted keys (`train.switch_fraction`, `data.bag_size`, ...) are what a user writes in a
+recipe YAML, what they override on the command line (`tst train key=value`), what Ray Tune searches over, and
+what MLflow records as params. `flatten()` gives those keys; `apply_overrides()` sets them.
+
+Imports nothing but the standard library (yaml is imported only when a YAML file is loaded), so the Ray-free
+loop and the GPU check can use it with PyTorch alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A config that cannot run. The message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    """The decoder's shape. `preset` fills every field left at None (see `pipeline.model.PRESETS`)."""
+
+    preset: str = "tiny"  # tiny | 125M | 270M | 600M | 3B (paper shapes, see pipeline/model.py)
+    vocab_size: Optional[int] = None  # None: taken from the tokenizer
+    hidden_size: Optional[int] = None
+    num_layers: Optional[int] = None
+    num_heads: Optional[int] = None
+    num_kv_heads: Optional[int] = None
+    intermediate_size: Optional[int] = None
+    rope_theta: Optional[float] = None
+    rms_norm_eps: Optional[float] = None
+    max_position_embeddings: Optional[int] = None
+    init_std: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from, how it is tokenized, and the window shape of each phase."""
+
+    # A file, folder, glob, comma-separated list, s3:// or gs:// URI, or "builtin:wiki" (the bundled corpus).
+    source: str = "builtin:wiki"
+    format: str = "auto"  # auto | text | jsonl | parquet
+    text_field: str = "text"  # JSON Lines field / Parquet column holding the document
+    text_split: str = "file"  # text files: "file" (one document per file) or "blank_line"
+    val_source: Optional[str] = None  # a separate held-out path; None: split off val_fraction of documents
+    val_fraction: float = 0.01
+    val_windows: int = 64  # held-out next-token windows scored at each evaluation
+    # Tokenizer: "gpt2" (bundled GPT-2 BPE), "bpe:N" (byte-level BPE of vocab N trained on the corpus and
+    # cached in the output dir), or a path to any tokenizer.json.
+    tokenizer: str = "bpe:4096"
+    seq_len: int = 128  # L: latent positions per window (the baseline's context length)
+    bag_size: int = 1  # s: tokens per bag in the superposition phase (1 = no superposition)
+    doc_boundary: str = "cross"  # cross | mask (see tst_ops.next_bag_targets)
+    on_bad_record: str = "skip"  # skip | fail: malformed JSON lines / unreadable Parquet files
+    num_tokenize_actors: int = 1
+    tokenize_batch_size: int = 256
+    max_documents: Optional[int] = None  # cap on documents read (smoke tests, quick looks)
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation: steps, the two phases, AdamW and the warmup-stable-decay schedule."""
+
+    steps: int = 400  # T: optimizer steps in the whole run, both phases
+    switch_fraction: float = 0.0  # r: the first floor(r*T + 0.5) steps are superposition
+    global_batch_size: int = 16  # windows per optimizer step, across all workers and micro-batches
+    micro_batch_size: Optional[int] = None  # windows per forward/backward; None: the whole per-rank batch
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 40
+    decay_fraction: float = 0.1  # WSD: decay over the last 10% of steps (paper)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    loss_weights: str = "uniform"  # uniform | power (w_i = 1/i, the paper's choice for s >= 8)
+    seed: int = 0
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
+    compile: bool = False
+    activation_checkpointing: bool = False
+    fused_loss_chunk: Optional[int] = None  # rows per chunk of the fused LM-head loss; None: automatic
+    log_every: int = 10
+    eval_every: int = 50
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    threads: Optional[int] = None  # torch intra-op threads per worker (CPU); None: leave torch's default
+
+
+@dataclass
+class ScalingConfig:
+    """Where the loop runs. `num_workers = 0` runs the Ray-free loop in this process."""
+
+    num_workers: int = 1
+    min_workers: Optional[int] = None  # set (with num_workers as max) for elastic training
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5  # fractional on purpose: see the 2-core trap in the README
+    gpus_per_worker: float = 1.0
+    worker_resources: dict = field(default_factory=dict)  # e.g. {"train_node": 0.001} to target node types
+    max_failures: int = 3
+    ray_num_cpus: Optional[int] = None  # logical CPUs for a local ray.init(); None: max(4, real cores)
+
+
+@dataclass
+class RunConfig:
+    """Names, outputs and tracking."""
+
+    name: Optional[str] = None  # None: derived from the recipe and a timestamp
+    output_dir: str = "outputs"  # checkpoints, metrics JSONL, tokenizer cache, local MLflow store
+    storage_path: Optional[str] = None  # Ray Train storage (s3://..., NFS); None: <output_dir>/ray
+    tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI or sqlite:///<output_dir>/mlflow.db
+    experiment: str = "tst"
+    tracking: bool = True
+    parent_run_id: Optional[str] = None  # nest this run under an MLflow parent (Tune)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    # -- (de)serialisation -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flatten(self) -> dict[str, Any]:
+        """Dotted keys -> values: MLflow params, Tune's search space keys, CLI overrides."""
+        return flatten_dict(self.to_dict())
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        return _from_dict(cls, d or {}, prefix="")
+
+    def copy(self) -> "Config":
+        return Config.from_dict(json.loads(json.dumps(self.to_dict())))
+
+
+def flatten_dict(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and not prefix:  # sections recurse; dict-valued fields stay leaves
+            out.update(flatten_dict(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _from_dict(cls, d: dict, prefix: str):
+    if not isinstance(d, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}'; valid keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            continue
+        t = hints[f.name]
+        v = d[f.name]
+        if dataclasses.is_dataclass(t):
+            kwargs[f.name] = _from_dict(t, v, prefix + f.name + ".")
+        else:
+            kwargs[f.name] = _coerce(v, t, prefix + f.name)
+    return cls(**kwargs)
+
+
+def _base_types(t) -> tuple:
+    origin = typing.get_origin(t)
+    if origin in (typing.Union, types.UnionType):
+        return tuple(a for a in typing.get_args(t) if a is not type(None))
+    return (origin or t,)
+
+
+def _coerce(v: Any, t, key: str) -> Any:
+    """Parse a value (from YAML or a `key=value` string) into the field's type, or fail naming the key."""
+    optional = type(None) in typing.get_args(t)
+    if v is None or (isinstance(v, str) and v.lower() in ("none", "null", "~")):
+        if optional:
+            return None
+        raise ConfigError(f"config key '{key}' cannot be null")
+    base = _base_types(t)[0]
+    try:
+        if base is bool:
+            if isinstance(v, bool):
+                return v
+            if isinstance(v, str) and v.lower() in ("true", "1", "yes", "on"):
+                return True
+            if isinstance(v, str) and v.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError(v)
+        if base is int:
+            if isinstance(v, float) and not v.is_integer():
+                raise ValueError(v)
+            if isinstance(v, str):
+                f = float(v)
+                if not f.is_integer():
+                    raise ValueError(v)
+                return int(f)
+            return int(v)
+        if base is float:
+            return float(v)
+        if base is str:
+            return str(v)
+        if base is dict:
+            if isinstance(v, str):
+                import yaml
+
+                v = yaml.safe_load(v)
+            if not isinstance(v, dict):
+                raise ValueError(v)
+            return dict(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key '{key}' expects {base.__name__}, got {v!r}") from None
+    return v
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Config:
+    """Set dotted keys: `["train.switch_fraction=0.3", "data.bag_size=6"]` or a `{key: value}` dict."""
+    d = cfg.to_dict()
+    items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides]
+    for key, value in items:
+        parts = key.split(".")
+        node = d
+        for p in parts[:-1]:
+            if p not in node or not isinstance(node[p], dict):
+                raise ConfigError(f"unknown config key '{key}'; run `tst train --help` for the list of keys")
+            node = node[p]
+        if parts[-1] not in node:
+            raise ConfigError(f"unknown config key '{key}'; run `tst train --help` for the list of keys")
+        if isinstance(value, str) and isinstance(node[parts[-1]], dict):
+            import yaml
+
+            value = yaml.safe_load(value)
+        node[parts[-1]] = value
+    return Config.from_dict(d)
+
+
+def _split_override(o: str) -> tuple[str, str]:
+    if "=" not in o:
+        raise ConfigError(f"override '{o}' is not of the form key=value (e.g. train.switch_fraction=0.3)")
+    k, v = o.split("=", 1)
+    return k.strip(), v.strip()
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Load a recipe YAML (or the defaults), apply `key=value` overrides, and validate."""
+    if path:
+        if not os.path.exists(path):
+            raise ConfigError(f"config file '{path}' not found; pass a recipe such as recipes/tiny.yaml")
+        import yaml
+
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        cfg = Config.from_dict(raw)
+    else:
+        cfg = Config()
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Reject configs that cannot run, with the key and the fix in the message."""
+    t, d, s = cfg.train, cfg.data, cfg.scaling
+    if t.steps < 1:
+        raise ConfigError(f"train.steps must be >= 1, got {t.steps}")
+    if not 0.0 <= t.switch_fraction <= 1.0:
+        raise ConfigError(f"train.switch_fraction must be in [0, 1], got {t.switch_fraction}")
+    if d.bag_size < 1:
+        raise ConfigError(f"data.bag_size must be >= 1, got {d.bag_size}")
+    if d.seq_len < 2:
+        raise ConfigError(f"data.seq_len must be >= 2, got {d.seq_len}")
+    if t.loss_weights not in ("uniform", "power"):
+        raise ConfigError(f"train.loss_weights must be 'uniform' or 'power', got {t.loss_weights!r}")
+    if d.doc_boundary not in ("cross", "mask"):
+        raise ConfigError(f"data.doc_boundary must be 'cross' or 'mask', got {d.doc_boundary!r}")
+    if d.on_bad_record not in ("skip", "fail"):
+        raise ConfigError(f"data.on_bad_record must be 'skip' or 'fail', got {d.on_bad_record!r}")
+    if t.dtype not in ("auto", "float32", "bfloat16"):
+        raise ConfigError(f"train.dtype must be auto, float32 or bfloat16, got {t.dtype!r}")
+    world = max(1, s.num_workers)
+    if t.global_batch_size % world:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by scaling.num_workers={world}; "
+            f"pick a batch that is a multiple of the worker count"
+        )
+    if s.min_workers is not None:
+        if not 1 <= s.min_workers <= s.num_workers:
+            raise ConfigError(f"scaling.min_workers must be in [1, num_workers], got {s.min_workers}")
+        for w in range(s.min_workers, s.num_workers + 1):
+            if t.global_batch_size % w:
+                raise ConfigError(
+                    f"elastic training between {s.min_workers} and {s.num_workers} workers needs "
+                    f"train.global_batch_size divisible by every worker count; {t.global_batch_size} % {w} != 0"
+                )
+    per_rank = t.global_batch_size // world
+    if t.micro_batch_size is not None and (t.micro_batch_size < 1 or per_rank % t.micro_batch_size):
+        raise ConfigError(
+            f"train.micro_batch_size={t.micro_batch_size} must divide the per-worker batch {per_rank} "
+            f"(global_batch_size / num_workers)"
+        )
+    if t.warmup_steps < 0 or not 0.0 <= t.decay_fraction <= 1.0:
+        raise ConfigError("train.warmup_steps must be >= 0 and train.decay_fraction in [0, 1]")
+    for k in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+        if getattr(t, k) < 1:
+            raise ConfigError(f"train.{k} must be >= 1, got {getattr(t, k)}")
+
+
+def describe_keys() -> str:
+    """Every dotted key with its default, for `tst train --help`."""
+    lines = []
+    for key, value in Config().flatten().items():
+        lines.append(f"  {key} = {value!r}")
+    return "\n".join(lines)
