@@ -1,0 +1,34 @@
+"""Shared test fixtures.
+
+One local Ray instance serves the whole test session (design notes: starting Ray costs seconds, and two
+1-CPU workers on a 2-core machine starve Ray Data), started with 4 logical CPUs so that fractional-CPU train
+workers and the Ray Data actors fit together on 2 real cores.
+"""
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray shared by every test that needs one (4 logical CPUs on any machine)."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    # left running until the session ends; ray shuts itself down at exit
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A fresh working directory (outputs, MLflow store) per test."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
