@@ -62,6 +62,19 @@ class DataConfig:
     num_tokenize_actors: int = 1
     tokenize_batch_size: int = 256
     max_documents: Optional[int] = None  # cap on documents read (smoke tests, quick looks)
+    split_seed: int = 0  # seeds the hash that picks the val_fraction of held-out documents
+    eos_token: Optional[str] = None  # a tokenizer.json's end-of-document token; None: <|endoftext|>, </s>, ...
+    tokenizer_train_bytes: int = 200_000_000  # bpe:N trains on at most this much train-split text
+    max_epochs: Optional[int] = None  # passes over a small corpus a run may make; None: as many as needed
+    prefetch_steps: int = 2  # steps each worker requests ahead of the one it trains on
+    cache_tokens: bool = True  # memory mode: cache the tokenized corpus under <output_dir>/tokens
+    s3_endpoint: Optional[str] = None  # e.g. http://127.0.0.1:5000 (else $AWS_ENDPOINT_URL, else AWS)
+    # Ray mode: resources of the Ray Data read tasks, tokenizer actors and the ordered dealer actor;
+    # actor_resources (e.g. {"data_node": 0.001}) pins them to CPU nodes of a cluster.
+    read_cpus: float = 0.5
+    tokenize_actor_cpus: float = 1.0
+    dealer_cpus: float = 0.25
+    actor_resources: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -119,6 +132,8 @@ class RunConfig:
     experiment: str = "tst"
     tracking: bool = True
     parent_run_id: Optional[str] = None  # nest this run under an MLflow parent (Tune)
+    resume: bool = True  # continue from the run's latest checkpoint when one exists
+    allow_resume_changes: bool = False  # resume even if T, r, s, batch or data differ from the checkpoint
 
 
 @dataclass

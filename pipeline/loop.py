@@ -1,0 +1,426 @@
+"""The two-phase TST training loop, runnable and tested without Ray.
+
+One function, `train()`, runs a whole run (or its remainder after a resume) on one rank. The Ray layer
+(`pipeline.ray_train`) calls the very same function inside each `TorchTrainer` worker; it only supplies a
+different `Reporter` (where metrics and checkpoints go) and an initialised process group.
+
+A step (paper, Listing 1, with equal FLOPs per step in both phases):
+  superposition (step < switch_step): windows (b, s*L + s) -> inputs folded into bags (b, L, s), targets the
+      next bag of every bag (b, L, s) (tst_ops.next_bag_targets); loss = multi-hot CE.
+  recovery: windows (b, L + 1) -> inputs (b, L), targets (b, L, 1); loss = ordinary next-token CE.
+The same parameters, AdamW state and warmup-stable-decay LR run on across the switch.
+
+The loss of a step is the loss of the GLOBAL batch (design notes): per-slot valid-target counts are summed over
+all ranks first, each micro-batch contributes `sum CE / global count`, and the contributions add up, so the
+loss and the update do not depend on the worker count or on gradient accumulation. FSDP2 averages gradients
+over ranks, so each rank's backward is scaled by the world size to turn that mean back into the sum.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Protocol
+
+import torch
+import torch.distributed as dist
+
+from pipeline.config import Config
+from pipeline.metrics import StepTimer, peak_flops_for
+
+PHASES = ("superposition", "recovery")
+
+
+class Reporter(Protocol):
+    """Where a rank's metrics and checkpoints go: `LocalReporter` here, `RayReporter` under Ray Train."""
+
+    is_chief: bool  # the rank whose metrics are recorded
+
+    def staging_dir(self, step: int) -> str: ...
+
+    def report(self, metrics: Optional[dict], checkpoint_staging: Optional[str], step: int) -> None: ...
+
+    def latest_checkpoint(self) -> contextlib.AbstractContextManager[Optional[str]]: ...
+
+    def last_good_checkpoint(self) -> Optional[str]: ...
+
+
+@dataclass
+class RunState:
+    step: int = 0  # optimizer steps completed
+    elapsed_s: float = 0.0  # training wall-clock before this process (resume)
+    raw_tokens: int = 0
+    best_val: float = float("inf")
+
+
+def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    if cfg.train.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.train.dtype]
+
+
+def build_model(cfg: Config, vocab_size: int, device: torch.device):
+    """The plain model, initialised identically on every rank from the run's seed."""
+    from pipeline.model import Transformer, resolve_model_config
+
+    mcfg = resolve_model_config(cfg.model, vocab_size)
+    torch.manual_seed(cfg.train.seed)
+    with torch.device(device):
+        model = Transformer(mcfg)
+    model.init_weights()
+    return model, mcfg
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW (paper: beta 0.9/0.95); no weight decay on norms (1-D parameters)."""
+    t = cfg.train
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, foreach=True)
+
+
+def make_batch(windows: torch.Tensor, bag_size: int, seq_len: int, doc_ids: Optional[torch.Tensor] = None):
+    """Raw windows (b, s*L + s) -> model inputs and next-bag targets.
+
+    inputs: (b, L, s) bags when s > 1 (paper Listing 1: reshape (B, s*L) -> (B, L, s)), else (b, L);
+    targets: (b, L, s) (tst_ops.next_bag_targets, paper Listing 3), (b, L, 1) in recovery.
+    """
+    from tst_ops import fold_bags, next_bag_targets
+
+    s, L = bag_size, seq_len
+    if windows.shape[1] != s * L + s:
+        raise ValueError(f"expected windows of {s * L + s} tokens for s={s}, L={L}; got {tuple(windows.shape)}")
+    windows = windows.long()
+    raw = windows[:, : s * L]  # (b, s*L)
+    inputs = fold_bags(raw, s) if s > 1 else raw  # (b, L, s) or (b, L)
+    targets = next_bag_targets(windows, s, doc_ids=doc_ids)  # (b, L, s)
+    return inputs, targets
+
+
+class Trainer:
+    """State of one rank's run: model, optimizer, data source, schedule. `run()` trains to the end."""
+
+    def __init__(self, cfg: Config, source, reporter: Reporter, *, vocab_size: int,
+                 device: Optional[torch.device] = None, tokenizer_path: Optional[str] = None):
+        from tst_ops import schedule
+
+        self.cfg = cfg
+        self.source = source
+        self.reporter = reporter
+        self.tokenizer_path = tokenizer_path
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world_size = dist.get_world_size() if self.distributed else 1
+        self.device = device or torch.device("cpu")
+        if cfg.train.threads and self.device.type == "cpu":
+            torch.set_num_threads(cfg.train.threads)
+        t = cfg.train
+        self.T = t.steps
+        self.switch_step = schedule.switch_step(t.steps, t.switch_fraction) if cfg.data.bag_size > 1 else 0
+        self.schedule = schedule
+        with warnings.catch_warnings():
+            if self.rank != 0:  # one warning per run, not one per worker
+                warnings.simplefilter("ignore")
+            schedule.check_schedule(t.steps, t.switch_fraction, cfg.data.bag_size, t.warmup_steps, t.decay_fraction)
+
+        self.dtype = resolve_dtype(cfg, self.device)
+        model, self.model_cfg = build_model(cfg, vocab_size, self.device)
+        self.flops_per_position = model.flops_per_position(cfg.data.seq_len)  # design notes' FLOP count
+        from pipeline.parallel import parallelize
+
+        use_fsdp = self.distributed
+        self.autocast = self.dtype != torch.float32 and not use_fsdp
+        self.model = parallelize(
+            model, distributed=use_fsdp, activation_checkpointing=t.activation_checkpointing,
+            compile=t.compile, param_dtype=self.dtype if (use_fsdp and self.dtype != torch.float32) else None)
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.state = RunState()
+        self.peak_flops = peak_flops_for(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
+        self.per_rank = t.global_batch_size // self.world_size
+        self.micro = t.micro_batch_size or self.per_rank
+
+    # -- schedule ---------------------------------------------------------------------------------------------
+    def bag_size_at(self, step: int) -> int:
+        return self.cfg.data.bag_size if step < self.switch_step else 1
+
+    def phase_at(self, step: int) -> str:
+        return PHASES[0] if step < self.switch_step else PHASES[1]
+
+    def lr_at(self, step: int) -> float:
+        t = self.cfg.train
+        return self.schedule.wsd_lr(step, t.steps, t.lr, t.warmup_steps, t.decay_fraction, t.min_lr_ratio)
+
+    def raw_tokens_before(self, step: int) -> int:
+        t = self.cfg.train
+        return self.schedule.raw_tokens_before(step, t.steps, t.switch_fraction if self.switch_step else 0.0,
+                                               self.cfg.data.bag_size, t.global_batch_size * self.cfg.data.seq_len)
+
+    # -- checkpoint -------------------------------------------------------------------------------------------
+    def meta(self) -> dict:
+        return {
+            "step": self.state.step,
+            "phase": self.phase_at(self.state.step) if self.state.step < self.T else "done",
+            "phase_of_last_step": self.phase_at(self.state.step - 1) if self.state.step else None,
+            "switch_step": self.switch_step,
+            "total_steps": self.T,
+            "data_position": self.raw_tokens_before(self.state.step),
+            "elapsed_s": self.state.elapsed_s + (time.perf_counter() - self._t_start),
+            "world_size": self.world_size,
+            "config": _resolved_config(self.cfg, self.model_cfg),
+            "tokenizer": "tokenizer.json",
+            "model_params": sum(p.numel() for p in self.model.parameters()),
+        }
+
+    def save(self, metrics: Optional[dict]) -> None:
+        from pipeline.checkpoint import save_checkpoint
+
+        staging = self.reporter.staging_dir(self.state.step)
+        save_checkpoint(staging, self.model, self.optimizer, self.meta(), self.rank, self.tokenizer_path)
+        if self.distributed:
+            dist.barrier()
+        self.reporter.report(metrics, staging, self.state.step)
+
+    def maybe_resume(self) -> None:
+        from pipeline.checkpoint import load_checkpoint
+
+        with self.reporter.latest_checkpoint() as path:
+            if path is None:
+                return
+            meta = load_checkpoint(path, self.model, self.optimizer)
+        check_resume_compatible(self.cfg, meta)
+        self.state.step = int(meta["step"])
+        self.state.elapsed_s = float(meta.get("elapsed_s", 0.0))
+        if self.rank == 0:
+            print(f"[tst] resumed from {path} at step {self.state.step}/{self.T} "
+                  f"(data position {meta.get('data_position')}, saved by {meta.get('world_size')} workers, "
+                  f"now {self.world_size})", flush=True)
+
+    # -- evaluation -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Next-token loss on held-out windows (the model is always an ordinary LM, in both phases)."""
+        val = self.source.val_windows()  # (N, L + 1)
+        n = (val.shape[0] // self.world_size) * self.world_size
+        if n == 0:
+            return float("nan")
+        per = n // self.world_size
+        mine = val[self.rank * per:(self.rank + 1) * per].to(self.device)
+        L = self.cfg.data.seq_len
+        count = torch.tensor([float(n * L)], device=self.device)  # every target valid: global count
+        total = torch.zeros((), device=self.device, dtype=torch.float32)
+        self.model.eval()
+        for i in range(0, per, self.micro):
+            inputs, targets = make_batch(mine[i:i + self.micro], 1, L)
+            with self._autocast():
+                total += self.model(inputs, targets, slot_counts=count).float()
+        self.model.train()
+        return float(_all_reduce(total))
+
+    def _autocast(self):
+        if self.autocast:
+            return torch.autocast(self.device.type, dtype=self.dtype)
+        return contextlib.nullcontext()
+
+    # -- one optimizer step -------------------------------------------------------------------------------------
+    def train_step(self, step: int, windows: torch.Tensor) -> tuple[float, float]:
+        """Forward/backward over this rank's micro-batches, then one AdamW step. Returns (loss, grad norm)."""
+        s, L = self.bag_size_at(step), self.cfg.data.seq_len
+        inputs, targets = make_batch(windows.to(self.device, non_blocking=True), s, L)  # (b, L[, s]), (b, L, s)
+        slot_counts = (targets != -100).sum(dim=(0, 1)).to(torch.float32)  # (s,) valid targets per slot
+        _all_reduce(slot_counts)  # global batch counts (design notes)
+        weights = self.cfg.train.loss_weights
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
+        n_micro = inputs.shape[0] // self.micro
+        from pipeline.parallel import clip_grad_norm, set_gradient_sync
+
+        for m in range(n_micro):
+            sl = slice(m * self.micro, (m + 1) * self.micro)
+            set_gradient_sync(self.model, m == n_micro - 1)
+            with self._autocast():
+                contrib = self.model(inputs[sl], targets[sl], loss_weights=weights, slot_counts=slot_counts,
+                                     fused_chunk=self.cfg.train.fused_loss_chunk)
+            (contrib * self.world_size).backward()  # FSDP averages over ranks; the global loss is a sum
+            loss_sum += contrib.detach().float()
+        loss = _all_reduce(loss_sum)
+        grad_norm = clip_grad_norm(self.model, self.cfg.train.grad_clip)
+        bad = torch.tensor([0.0 if (torch.isfinite(loss) and torch.isfinite(grad_norm)) else 1.0],
+                           device=self.device)
+        if float(_all_reduce(bad, dist.ReduceOp.MAX if self.distributed else None)) > 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            return float("nan"), float("nan")
+        lr = self.lr_at(step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss), float(grad_norm)
+
+    # -- the run --------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        self._t_start = time.perf_counter()
+        self.maybe_resume()
+        t = self.cfg.train
+        start = self.state.step
+        timer = StepTimer()
+        losses: list[tuple[int, float]] = []
+        val_loss = None
+        status = "finished"
+        it: Iterator = self.source.iter_steps(start, self.rank, self.world_size)
+        step = start
+        while step < self.T:
+            t0 = time.perf_counter()
+            got_step, windows = next(it)
+            wait = time.perf_counter() - t0
+            if got_step != step:
+                raise RuntimeError(f"data source out of order: expected step {step}, got {got_step}")
+            s = self.bag_size_at(step)
+            loss, gnorm = self.train_step(step, windows)
+            done = step + 1
+            self.state.step = done
+            timer.add(1, t.global_batch_size * s * self.cfg.data.seq_len, t.global_batch_size * self.cfg.data.seq_len, wait)
+            if not math.isfinite(loss):
+                status = "nonfinite"
+                self.nonfinite_step = done
+                break
+            losses.append((done, loss))
+            is_switch = done == self.switch_step and 0 < self.switch_step < self.T
+            is_last = done == self.T
+            do_eval = done % t.eval_every == 0 or is_switch or is_last
+            do_log = done % t.log_every == 0 or do_eval
+            do_ckpt = done % t.checkpoint_every == 0 or is_switch or is_last
+            metrics = None
+            if do_eval:
+                val_loss = self.evaluate()
+            if do_log or do_ckpt:
+                metrics = self._metrics(done, step, loss, gnorm, timer, val_loss if do_eval else None)
+                timer.reset()
+            if do_ckpt:
+                self.save(metrics)
+            elif do_log:
+                self.reporter.report(metrics, None, done)
+            step = done
+        if hasattr(it, "close"):
+            it.close()
+        summary = {
+            "kind": "final",
+            "step": self.state.step,
+            "status": status,
+            "final_val_loss": val_loss,
+            "final_train_loss": losses[-1][1] if losses else None,
+            "raw_tokens": self.raw_tokens_before(self.state.step),
+            "elapsed_s": self.state.elapsed_s + (time.perf_counter() - self._t_start),
+            "switch_step": self.switch_step,
+            "epochs": self.source.epoch_at(self.state.step),
+            "world_size": self.world_size,
+        }
+        if status == "nonfinite":
+            summary["message"] = (
+                f"non-finite loss or gradient norm at step {self.state.step}; the run stopped. Last good "
+                f"checkpoint: {self.reporter.last_good_checkpoint() or 'none'}. Lower train.lr or raise "
+                f"train.warmup_steps, then resume from that checkpoint")
+        self.reporter.report(summary, None, self.state.step)
+        return summary
+
+    def _metrics(self, done: int, step: int, loss: float, gnorm: float, timer: StepTimer,
+                 val_loss: Optional[float]) -> dict:
+        rates = timer.rates()
+        phase = self.phase_at(step)
+        elapsed = self.state.elapsed_s + (time.perf_counter() - self._t_start)
+        achieved = self.flops_per_position * rates["positions_per_s"]
+        m = {
+            "step": done,
+            "phase": phase,
+            "bag_size": self.bag_size_at(step),
+            "train_loss": loss,
+            f"train_loss_{phase}": loss,
+            "lr": self.lr_at(step),
+            "grad_norm": gnorm,
+            "raw_tokens": self.raw_tokens_before(done),
+            "latent_positions": done * self.cfg.train.global_batch_size * self.cfg.data.seq_len,
+            "epoch": self.source.epoch_at(done),
+            "elapsed_s": elapsed,
+            "flops": float(self.flops_per_position) * done * self.cfg.train.global_batch_size * self.cfg.data.seq_len,
+            "tflops_per_s": achieved / 1e12,
+            "world_size": self.world_size,
+            "eta_s": rates["step_time_s"] * (self.T - done),
+            **rates,
+        }
+        if self.peak_flops:
+            m["mfu"] = achieved / (self.peak_flops * self.world_size)
+        if val_loss is not None:
+            m["val_loss"] = val_loss
+        return m
+
+
+def _resolved_config(cfg: Config, model_cfg) -> dict:
+    import dataclasses
+
+    d = cfg.to_dict()
+    d["model"] = dataclasses.asdict(model_cfg)
+    return d
+
+
+RESUME_KEYS = ("train.steps", "train.switch_fraction", "train.global_batch_size", "data.bag_size", "data.seq_len",
+               "data.source", "data.tokenizer", "train.seed")
+
+
+def check_resume_compatible(cfg: Config, meta: dict) -> None:
+    """Resume continues the run that was saved: T, r, s and the data must match (design notes)."""
+    from pipeline.config import Config as C, ConfigError
+
+    if cfg.run.allow_resume_changes:
+        return
+    saved = C.from_dict({k: v for k, v in meta["config"].items() if k != "model"}).flatten()
+    now = cfg.flatten()
+    diff = [f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in RESUME_KEYS if saved.get(k) != now.get(k)]
+    if diff:
+        raise ConfigError("cannot resume: the checkpoint belongs to a different run (" + "; ".join(diff) +
+                          "); use the saved config, or set run.allow_resume_changes=true to continue anyway")
+
+
+class LocalReporter:
+    """Ray-free reporting: metrics straight to a MetricsSink, checkpoints published atomically on disk."""
+
+    is_chief = True
+
+    def __init__(self, run_dir: str, sink, keep: int = 3, resume: bool = True):
+        from pipeline.checkpoint import LocalCheckpointManager
+
+        self.ckpts = LocalCheckpointManager(run_dir, keep)
+        self.sink = sink
+        self.resume = resume
+        self.published: list[str] = []
+
+    def staging_dir(self, step: int) -> str:
+        return self.ckpts.staging_dir(step)
+
+    def report(self, metrics: Optional[dict], checkpoint_staging: Optional[str], step: int) -> None:
+        if checkpoint_staging:
+            self.published.append(self.ckpts.publish(checkpoint_staging, step))
+        if metrics and self.sink is not None:
+            self.sink.log(metrics)
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self):
+        yield self.ckpts.latest() if self.resume else None
+
+    def last_good_checkpoint(self) -> Optional[str]:
+        return self.ckpts.latest()
+
+
+def train(cfg: Config, source, reporter: Reporter, *, vocab_size: int, device: Optional[torch.device] = None,
+          tokenizer_path: Optional[str] = None) -> dict:
+    """Run (or resume) a whole TST run on this rank. Works in one process or inside a Ray Train worker."""
+    trainer = Trainer(cfg, source, reporter, vocab_size=vocab_size, device=device, tokenizer_path=tokenizer_path)
+    return trainer.run()

@@ -1,0 +1,160 @@
+"""Step metrics: FLOP counting, throughput, and the sinks that record them (console, JSON Lines, MLflow).
+
+Why here and not in the loop: the same records are written from one place only (the Ray-free process, or
+the Ray Train controller through a callback), never from every worker; the loop just produces dicts.
+
+FLOPs per latent position come from `Transformer.flops_per_position` (the design notes' count, causal attention
+counted once); embedding lookups cost nothing, so a superposition step costs the FLOPs of a recovery step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Optional
+
+# Dense bf16 peak FLOP/s from the datasheets, by substring of torch.cuda.get_device_name().
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+    "L4": 121e12,
+}
+
+
+def peak_flops_for(device_name: str) -> Optional[float]:
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in device_name:
+            return value
+    return None
+
+
+def format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def format_progress(m: dict, total_steps: int) -> str:
+    """One human-readable line per logging interval."""
+    phase = "SUPER" if m.get("phase") == "superposition" else "recov"
+    parts = [
+        f"step {m['step']:>{len(str(total_steps))}}/{total_steps}",
+        f"{phase} s={m.get('bag_size', 1):<2}",
+        f"loss {m['train_loss']:.4f}" if "train_loss" in m else "",
+        f"val {m['val_loss']:.4f}" if "val_loss" in m else "",
+        f"lr {m['lr']:.2e}" if "lr" in m else "",
+        f"{m['tokens_per_s']:,.0f} tok/s" if "tokens_per_s" in m else "",
+        f"MFU {100 * m['mfu']:.1f}%" if m.get("mfu") is not None and m.get("mfu") == m.get("mfu") else "",
+        f"wait {100 * m['data_wait_frac']:.0f}%" if "data_wait_frac" in m else "",
+        f"ETA {format_eta(m['eta_s'])}" if "eta_s" in m else "",
+    ]
+    return " | ".join(p for p in parts if p)
+
+
+class JsonlWriter:
+    """Append-only metrics file beside the checkpoints; survives a lost MLflow server."""
+
+    def __init__(self, path: str):
+        self.path = path
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(_jsonable(record)) + "\n")
+
+    def read(self) -> list[dict]:
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop records of steps that will be redone (so the file holds one curve)."""
+        rows = [r for r in self.read() if r.get("step", 0) <= step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        os.replace(tmp, self.path)
+
+
+def _jsonable(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        if hasattr(v, "item"):
+            v = v.item()
+        if isinstance(v, float) and not math.isfinite(v):
+            v = None if math.isnan(v) else v
+        out[k] = v
+    return out
+
+
+class MetricsSink:
+    """Console + JSON Lines + (optionally) MLflow, written from one process.
+
+    `tracker` is a `pipeline.tracking.MlflowTracker` or None. Console lines go to stdout (flushed: under Ray
+    the controller's stdout is streamed to the driver and to `ray job logs`).
+    """
+
+    def __init__(self, run_dir: str, total_steps: int, tracker=None, console: bool = True, stream=None):
+        self.total_steps = total_steps
+        self.jsonl = JsonlWriter(os.path.join(run_dir, "metrics.jsonl"))
+        self.tracker = tracker
+        self.console = console
+        self.stream = stream or sys.stdout
+        self.last: dict[str, Any] = {}
+        self.history: list[dict] = []
+
+    def log(self, metrics: dict) -> None:
+        if not metrics or "step" not in metrics:
+            return
+        metrics = _jsonable(metrics)
+        self.jsonl.write(metrics)
+        self.history.append(metrics)
+        self.last.update(metrics)
+        if self.tracker is not None:
+            self.tracker.log_metrics(metrics, step=int(metrics["step"]))
+        if self.console and metrics.get("kind") != "final":
+            print(format_progress(metrics, self.total_steps), file=self.stream, flush=True)
+
+    def message(self, text: str) -> None:
+        if self.console:
+            print(text, file=self.stream, flush=True)
+
+
+class StepTimer:
+    """Wall-clock of steps and of waiting for data, for throughput and data-wait fraction."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.t0 = time.perf_counter()
+        self.wait = 0.0
+        self.steps = 0
+        self.raw_tokens = 0
+        self.positions = 0
+
+    def add(self, steps: int, raw_tokens: int, positions: int, wait: float):
+        self.steps += steps
+        self.raw_tokens += raw_tokens
+        self.positions += positions
+        self.wait += wait
+
+    def rates(self) -> dict:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        return {
+            "step_time_s": dt / max(self.steps, 1),
+            "tokens_per_s": self.raw_tokens / dt,
+            "positions_per_s": self.positions / dt,
+            "data_wait_frac": self.wait / dt,
+        }

@@ -1,0 +1,180 @@
+"""The Ray Train edge: the Ray-free loop (`pipeline.loop.train`) inside `TorchTrainer` workers.
+
+What Ray adds, and nothing else: worker processes with an initialised process group (gloo on CPU, NCCL on
+GPU), checkpoint persistence through `ray.train.report` (each rank passes its own DCP shard folder; Ray merges
+them into one checkpoint folder in `RunConfig.storage_path` and registers it only once every rank has
+uploaded), restarts from the latest checkpoint after a worker failure (`FailureConfig`), elastic worker counts,
+and a controller-side callback that records rank 0's metrics (MLflow is written from that one place).
+
+Stack notes that shape this file (Ray 2.60, Train V2): configs come from `ray.train`; `prepare_model` only wraps
+FSDP1 and refuses CPU, so `pipeline.parallel` calls `fully_shard` itself; `ray.train.report` is a barrier that
+every rank calls the same number of times; a whole run resumes by starting it again with the same
+`RunConfig(name, storage_path)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from typing import Any, Optional
+
+from ray.train import UserCallback
+
+
+class RayReporter:
+    """A rank's reporting under Ray Train (see `pipeline.loop.Reporter`)."""
+
+    def __init__(self):
+        import ray.train
+
+        self.ctx = ray.train.get_context()
+        self.rank = self.ctx.get_world_rank()
+        self.is_chief = self.rank == 0
+
+    def staging_dir(self, step: int) -> str:
+        return tempfile.mkdtemp(prefix=f"tst-step{step:08d}-rank{self.rank}-")
+
+    def report(self, metrics: Optional[dict], checkpoint_staging: Optional[str], step: int) -> None:
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_staging) if checkpoint_staging else None
+        payload = dict(metrics or {}) if self.is_chief else {}
+        try:
+            ray.train.report(payload, checkpoint=ckpt,
+                             checkpoint_dir_name=f"step_{step:08d}" if ckpt else None)
+        finally:
+            if checkpoint_staging:
+                shutil.rmtree(checkpoint_staging, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self):
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            yield None
+            return
+        with ckpt.as_directory() as path:
+            yield path
+
+    def last_good_checkpoint(self) -> Optional[str]:
+        import ray.train
+
+        try:
+            reported = ray.train.get_all_reported_checkpoints()
+            if reported:
+                return reported[-1].checkpoint.path
+        except Exception:
+            pass
+        ckpt = ray.train.get_checkpoint()
+        return ckpt.path if ckpt else None
+
+
+def train_worker(config: dict) -> None:
+    """`train_loop_per_worker`: one rank of the run (the same `train()` as the Ray-free loop)."""
+    import torch
+
+    import ray.train
+    from pipeline.config import Config
+    from pipeline.loop import train
+
+    cfg = Config.from_dict(config["cfg"])
+    ctx = ray.train.get_context()
+    if cfg.scaling.use_gpu and torch.cuda.is_available():
+        device = torch.device("cuda", ctx.get_local_rank() % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    tok_path = None
+    if config.get("tokenizer_json"):
+        tok_path = os.path.join(tempfile.mkdtemp(prefix="tst-tok-"), "tokenizer.json")
+        with open(tok_path, "w") as f:
+            f.write(config["tokenizer_json"])
+    train(cfg, config["source"], RayReporter(), vocab_size=config["vocab_size"], device=device,
+          tokenizer_path=tok_path)
+
+
+class MetricsCallback(UserCallback):
+    """Runs in the Ray Train controller: rank 0's reported metrics -> console, metrics.jsonl, MLflow."""
+
+    def __init__(self, run_dir: str, total_steps: int, tracking_uri: Optional[str], mlflow_run_id: Optional[str],
+                 console: bool = True):
+        self.run_dir = run_dir
+        self.total_steps = total_steps
+        self.tracking_uri = tracking_uri
+        self.mlflow_run_id = mlflow_run_id
+        self.console = console
+        self._sink = None
+
+    def _get_sink(self):
+        if self._sink is None:
+            from pipeline.metrics import MetricsSink
+
+            tracker = None
+            if self.mlflow_run_id:
+                from pipeline.tracking import MlflowTracker
+
+                tracker = MlflowTracker(self.tracking_uri, "", "", run_id=self.mlflow_run_id)
+            self._sink = MetricsSink(self.run_dir, self.total_steps, tracker=tracker, console=self.console)
+        return self._sink
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        if metrics and metrics[0]:
+            self._get_sink().log(metrics[0])
+
+    def after_exception(self, run_context, worker_exceptions) -> None:
+        for rank, exc in worker_exceptions.items():
+            print(f"[tst] worker {rank} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                  f" — restarting from the last checkpoint if failures remain", flush=True)
+
+
+def build_trainer(cfg, *, source, vocab_size: int, tokenizer_json: Optional[str], run_name: str, run_dir: str,
+                  storage_path: str, tracking_uri: Optional[str], mlflow_run_id: Optional[str],
+                  extra_callbacks: Optional[list] = None, console: bool = True):
+    """A `TorchTrainer` for the config (no fit)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    sc = cfg.scaling
+    resources = {"CPU": sc.cpus_per_worker, **(sc.worker_resources or {})}
+    if sc.use_gpu:
+        resources["GPU"] = sc.gpus_per_worker
+    num_workers = (sc.min_workers, sc.num_workers) if sc.min_workers else sc.num_workers
+    scaling = ray.train.ScalingConfig(num_workers=num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources)
+    run_config = ray.train.RunConfig(
+        name=run_name,
+        storage_path=storage_path,
+        failure_config=ray.train.FailureConfig(max_failures=sc.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        callbacks=[MetricsCallback(run_dir, cfg.train.steps, tracking_uri, mlflow_run_id, console)]
+        + list(extra_callbacks or []),
+    )
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "source": source, "vocab_size": vocab_size,
+                           "tokenizer_json": tokenizer_json},
+        torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
+        scaling_config=scaling,
+        run_config=run_config,
+    )
+
+
+def ensure_ray(cfg) -> None:
+    """Connect to the cluster in $RAY_ADDRESS, or start a local Ray sized for this machine.
+
+    The 2-core trap (stack notes): `ray.init()` on 2 cores reports 2 CPUs and 1-CPU train workers then starve
+    Ray Data. Locally we start Ray with max(4, cores) logical CPUs and the workers ask for fractional CPUs.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.scaling.ray_num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False

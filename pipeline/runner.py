@@ -1,0 +1,175 @@
+"""The driver: prepare a run (tokenizer, data source, MLflow run), launch it with or without Ray, summarise.
+
+Everything a run writes goes under `<run.output_dir>/runs/<name>/`: `config.yaml`, `metrics.jsonl`, checkpoints
+(`checkpoints/step_N` for the Ray-free loop, `step_N` directly for Ray Train, whose storage folder is the run
+folder), `summary.json` and `loss_curve.png`. The MLflow store defaults to `<output_dir>/mlflow.db`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from pipeline.config import Config, validate
+from pipeline.errors import NonFiniteLossError, TSTError
+
+
+@dataclass
+class RunPaths:
+    name: str
+    output_dir: str  # absolute
+    run_dir: str
+    storage_path: str  # Ray Train storage (the run folder's parent by default)
+
+
+def run_paths(cfg: Config, name: Optional[str] = None) -> RunPaths:
+    output_dir = os.path.abspath(cfg.run.output_dir)
+    name = name or cfg.run.name or default_run_name(cfg)
+    storage = cfg.run.storage_path or os.path.join(output_dir, "runs")
+    if "://" not in storage:
+        storage = os.path.abspath(storage)
+    return RunPaths(name, output_dir, os.path.join(output_dir, "runs", name), storage)
+
+
+def default_run_name(cfg: Config) -> str:
+    kind = "baseline" if cfg.data.bag_size == 1 or cfg.train.switch_fraction == 0 else (
+        f"tst-s{cfg.data.bag_size}-r{cfg.train.switch_fraction:g}")
+    return f"{cfg.model.preset}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def prepare_data(cfg: Config, output_dir: str, mode: str):
+    """Tokenizer (trained and cached when `bpe:N`) and the window source; bad input fails here, before workers."""
+    from pipeline.data import build_source, load_tokenizer
+
+    tok = load_tokenizer(cfg.data, output_dir)
+    source = build_source(cfg, output_dir, mode=mode)
+    return tok, source
+
+
+def run_training(cfg: Config, *, use_ray: bool = True, name: Optional[str] = None, console: bool = True,
+                 extra_callbacks: Optional[list] = None, data_mode: Optional[str] = None) -> dict:
+    """Train (or resume) one run. Returns the summary dict (also written to summary.json)."""
+    validate(cfg)
+    paths = run_paths(cfg, name)
+    os.makedirs(paths.run_dir, exist_ok=True)
+    with open(os.path.join(paths.run_dir, "config.yaml"), "w") as f:
+        f.write(cfg.to_yaml())
+
+    # Tracking first: an unreachable server is a clear error before anything expensive starts.
+    tracker = None
+    if cfg.run.tracking:
+        from pipeline.tracking import MlflowTracker, check_reachable, environment_tags, resolve_tracking_uri
+
+        uri = resolve_tracking_uri(cfg.run.tracking_uri, paths.output_dir)
+        check_reachable(uri)
+        run_id = MlflowTracker.find_run(uri, cfg.run.experiment, paths.name)
+        tracker = MlflowTracker(uri, cfg.run.experiment, paths.name, run_id=run_id,
+                                parent_run_id=cfg.run.parent_run_id)
+        tracker.log_params(cfg.flatten())
+        world = max(1, cfg.scaling.num_workers) if use_ray else 1
+        tracker.set_tags(environment_tags(world))
+
+    mode = data_mode or ("ray" if use_ray else "memory")
+    tok, source = prepare_data(cfg, paths.output_dir, mode)
+    if console:
+        print(f"[tst] run {paths.name}: {cfg.model.preset} model, T={cfg.train.steps}, "
+              f"s={cfg.data.bag_size}, r={cfg.train.switch_fraction}, batch={cfg.train.global_batch_size}x"
+              f"{cfg.data.seq_len}, {'Ray Train x' + str(cfg.scaling.num_workers) if use_ray else 'one process'}",
+              flush=True)
+        print(f"[tst] outputs: {paths.run_dir}", flush=True)
+
+    t0 = time.perf_counter()
+    status = "FAILED"
+    try:
+        if use_ray:
+            summary = _fit_ray(cfg, paths, source, tok, tracker, console, extra_callbacks)
+        else:
+            summary = _fit_local(cfg, paths, source, tok, tracker, console)
+        status = "FINISHED" if summary.get("status") == "finished" else "FAILED"
+    finally:
+        if tracker is not None:
+            _finish_tracking(tracker, paths, cfg, status)
+    summary["wall_s"] = time.perf_counter() - t0
+    summary["run_name"] = paths.name
+    summary["run_dir"] = paths.run_dir
+    if tracker is not None:
+        summary["mlflow_run_id"] = tracker.run_id
+        summary["tracking_uri"] = tracker.uri
+    with open(os.path.join(paths.run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1, default=str)
+    if summary.get("status") == "nonfinite":
+        raise NonFiniteLossError(summary.get("message", "non-finite loss"))
+    if console:
+        print_summary(summary)
+    return summary
+
+
+def _fit_local(cfg, paths, source, tok, tracker, console) -> dict:
+    from pipeline.loop import LocalReporter, train
+    from pipeline.metrics import MetricsSink
+
+    import torch
+
+    sink = MetricsSink(paths.run_dir, cfg.train.steps, tracker=tracker, console=console)
+    reporter = LocalReporter(paths.run_dir, sink, keep=cfg.train.keep_checkpoints, resume=cfg.run.resume)
+    device = torch.device("cuda") if cfg.scaling.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+    return train(cfg, source, reporter, vocab_size=tok.vocab_size, device=device, tokenizer_path=tok.path)
+
+
+def _fit_ray(cfg, paths, source, tok, tracker, console, extra_callbacks) -> dict:
+    from pipeline.ray_train import build_trainer, ensure_ray
+
+    ensure_ray(cfg)
+    with open(tok.path) as f:
+        tok_json = f.read()
+    trainer = build_trainer(
+        cfg, source=source, vocab_size=tok.vocab_size, tokenizer_json=tok_json, run_name=paths.name,
+        run_dir=paths.run_dir, storage_path=paths.storage_path,
+        tracking_uri=tracker.uri if tracker else None, mlflow_run_id=tracker.run_id if tracker else None,
+        extra_callbacks=extra_callbacks, console=console)
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray wraps worker errors; surface the root cause in one line
+        root = e
+        while getattr(root, "__cause__", None) is not None:
+            root = root.__cause__
+        if isinstance(root, TSTError):
+            raise root from None
+        raise
+    summary = dict(result.metrics or {})
+    if result.checkpoint is not None:
+        summary["checkpoint"] = result.checkpoint.path
+    if summary.get("status") == "nonfinite" and result.checkpoint is not None:
+        summary["message"] = summary.get("message", "").replace("Last good checkpoint: none",
+                                                                f"Last good checkpoint: {result.checkpoint.path}")
+    return summary
+
+
+def _finish_tracking(tracker, paths, cfg, status: str) -> None:
+    from pipeline.metrics import JsonlWriter
+    from pipeline.tracking import loss_curve_png
+
+    history = JsonlWriter(os.path.join(paths.run_dir, "metrics.jsonl")).read()
+    tracker.flush_pending()
+    # back-fill anything the server missed while it was away: JSONL is the record of truth
+    png = loss_curve_png(history, os.path.join(paths.run_dir, "loss_curve.png"), paths.name,
+                         switch_step=next((h.get("switch_step") for h in history if h.get("switch_step")), None))
+    if png:
+        tracker.log_artifact(png)
+    tracker.log_artifact(os.path.join(paths.run_dir, "config.yaml"))
+    tracker.end(status)
+
+
+def print_summary(summary: dict) -> None:
+    v = summary.get("final_val_loss")
+    print(
+        f"[tst] done: {summary.get('run_name')} | steps {summary.get('step')} | final val loss "
+        f"{v:.4f} | raw tokens {summary.get('raw_tokens', 0):,} ({summary.get('epochs', 0):.2f} epochs) | "
+        f"{summary.get('wall_s', 0):.0f}s" if isinstance(v, (int, float)) else f"[tst] done: {summary}",
+        flush=True)
+    if summary.get("mlflow_run_id"):
+        print(f"[tst] MLflow: run {summary['mlflow_run_id']} in {summary.get('tracking_uri')} — browse with "
+              f"`mlflow ui --backend-store-uri {summary.get('tracking_uri')}`", flush=True)

@@ -1,0 +1,210 @@
+"""MLflow tracking, from one place only (the Ray-free process, or the Ray Train controller / driver).
+
+Decisions:
+- Default store: `sqlite:///<output_dir>/mlflow.db` made absolute on the driver (MLflow 3.17 refuses the
+  `./mlruns` folder store without MLFLOW_ALLOW_FILE_STORE). `run.tracking_uri` or $MLFLOW_TRACKING_URI points
+  it at a server instead.
+- Unreachable at start: `check_reachable()` raises a one-line TrackingError before any worker starts.
+- Lost mid-run: `log_metrics` warns once, keeps training; metrics stay in metrics.jsonl and are back-filled
+  by `flush_pending()` when the server answers again or at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import warnings
+from typing import Any, Optional
+
+from pipeline.errors import TrackingError
+
+
+def resolve_tracking_uri(tracking_uri: Optional[str], output_dir: str) -> str:
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        uri = "sqlite:///" + os.path.abspath(os.path.join(output_dir, "mlflow.db"))
+    elif uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+    if uri.startswith("sqlite:///"):
+        os.makedirs(os.path.dirname(uri[len("sqlite:///"):]) or ".", exist_ok=True)
+    return uri
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, with the fix, when an http(s) tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).read()
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        reason = getattr(e, "reason", e)
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({reason}); start it (`mlflow server --port ...`), "
+            f"fix --tracking-uri / MLFLOW_TRACKING_URI, or pass run.tracking=false"
+        ) from None
+
+
+def git_commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        ).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def environment_tags(world_size: int) -> dict[str, str]:
+    """What MLflow records besides the config (design notes): commit, versions, hardware, world size."""
+    import torch
+
+    tags = {
+        "tst.git_commit": git_commit(),
+        "tst.python": sys.version.split()[0],
+        "tst.torch": torch.__version__,
+        "tst.platform": platform.platform(),
+        "tst.cpu_count": str(os.cpu_count()),
+        "tst.world_size": str(world_size),
+        "tst.hardware": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    }
+    for mod in ("ray", "mlflow", "tokenizers", "pyarrow"):
+        try:
+            tags[f"tst.{mod}"] = __import__(mod).__version__
+        except Exception:
+            pass
+    return tags
+
+
+class MlflowTracker:
+    """One MLflow run. Created on the driver; `run_id` can be handed to another process to reopen it."""
+
+    def __init__(self, uri: str, experiment: str, run_name: str, run_id: Optional[str] = None,
+                 parent_run_id: Optional[str] = None):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        self.pending: list[tuple[dict, int]] = []
+        self._warned = False
+        if run_id is None:
+            exp = self.client.get_experiment_by_name(experiment)
+            exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+            tags = {"mlflow.runName": run_name, "tst.run_name": run_name}
+            if parent_run_id:
+                tags["mlflow.parentRunId"] = parent_run_id
+            run = self.client.create_run(exp_id, tags=tags, run_name=run_name)
+            run_id = run.info.run_id
+        self.run_id = run_id
+        self._mlflow = mlflow
+
+    @classmethod
+    def find_run(cls, uri: str, experiment: str, run_name: str) -> Optional[str]:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            return None
+        runs = client.search_runs([exp.experiment_id], f"tags.`tst.run_name` = '{run_name}'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+        return runs[0].info.run_id if runs else None
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(self.run_id).data.params
+        items = [Param(k, _param_str(v)) for k, v in params.items() if k not in existing]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        clean = {k: float(v) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step" and v == v}
+        self.pending.append((clean, step))
+        self.flush_pending()
+
+    def flush_pending(self) -> bool:
+        """Send buffered metrics; on failure keep them and warn once (training goes on)."""
+        import time
+
+        from mlflow.entities import Metric
+
+        while self.pending:
+            clean, step = self.pending[0]
+            ts = int(time.time() * 1000)
+            try:
+                self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v in clean.items()])
+            except Exception as e:  # server gone: keep the record, retry later
+                if not self._warned:
+                    warnings.warn(f"MLflow at {self.uri} stopped answering ({type(e).__name__}); metrics are kept "
+                                  f"in metrics.jsonl and will be sent when it is back", stacklevel=2)
+                    self._warned = True
+                return False
+            self.pending.pop(0)
+        self._warned = False
+        return True
+
+    def log_artifact(self, path: str, artifact_path: Optional[str] = None) -> None:
+        try:
+            self.client.log_artifact(self.run_id, path, artifact_path)
+        except Exception as e:
+            warnings.warn(f"could not log artifact {path} to MLflow: {e}", stacklevel=2)
+
+    def log_text(self, text: str, name: str) -> None:
+        try:
+            self.client.log_text(self.run_id, text, name)
+        except Exception as e:
+            warnings.warn(f"could not log {name} to MLflow: {e}", stacklevel=2)
+
+    def end(self, status: str = "FINISHED") -> None:
+        try:
+            self.flush_pending()
+            self.client.set_terminated(self.run_id, status=status)
+        except Exception as e:
+            warnings.warn(f"could not close MLflow run {self.run_id}: {e}", stacklevel=2)
+
+
+def _param_str(v: Any) -> str:
+    s = json.dumps(v) if isinstance(v, (dict, list)) else str(v)
+    return s[:6000]
+
+
+def loss_curve_png(history: list[dict], path: str, title: str, switch_step: Optional[int] = None) -> Optional[str]:
+    """The final loss-curve plot logged as an artifact: train loss per phase and validation loss."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for phase, style in (("superposition", ":"), ("recovery", "-")):
+        pts = [(r["step"], r["train_loss"]) for r in history if r.get("phase") == phase and "train_loss" in r]
+        if pts:
+            ax.plot(*zip(*pts), style, label=f"train loss ({phase}{', MCE' if phase == 'superposition' else ''})")
+    val = [(r["step"], r["val_loss"]) for r in history if r.get("val_loss") is not None]
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation next-token loss")
+    if switch_step:
+        ax.axvline(switch_step, color="gray", ls="--", label=f"switch (step {switch_step})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
