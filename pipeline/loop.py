@@ -285,6 +285,7 @@ class Trainer:
             if got_step != step:
                 raise RuntimeError(f"data source out of order: expected step {step}, got {got_step}")
             s = self.bag_size_at(step)
+            _maybe_inject_failure(step, self.rank)
             loss, gnorm = self.train_step(step, windows)
             done = step + 1
             self.state.step = done
@@ -361,6 +362,25 @@ class Trainer:
         if val_loss is not None:
             m["val_loss"] = val_loss
         return m
+
+
+def _maybe_inject_failure(step: int, rank: int) -> None:
+    """Fault injection for failure-recovery tests and drills: TST_INJECT_FAILURE="STEP:RANK:MODE:MARKER" makes
+    rank RANK fail before step STEP, once (the MARKER file records that it happened). MODE "raise" raises an
+    error in the worker; "kill" SIGKILLs the worker process, as a preempted node would."""
+    spec = os.environ.get("TST_INJECT_FAILURE")
+    if not spec:
+        return
+    at, who, mode, marker = spec.split(":", 3)
+    if step != int(at) or rank != int(who) or os.path.exists(marker):
+        return
+    with open(marker, "w") as f:
+        f.write(f"failed at step {step} on rank {rank}\n")
+    if mode == "kill":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError(f"injected failure at step {step} on rank {rank} (TST_INJECT_FAILURE)")
 
 
 def _resolved_config(cfg: Config, model_cfg) -> dict:

@@ -150,6 +150,8 @@ def build_trainer(cfg, *, source, vocab_size: int, tokenizer_json: Optional[str]
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         callbacks=[MetricsCallback(run_dir, cfg.train.steps, tracking_uri, mlflow_run_id, console)]
         + list(extra_callbacks or []),
+        # Ray Train logs every report at INFO; our progress lines say the same once, readably.
+        logging_config=ray.train.LoggingConfig(log_level=os.environ.get("TST_RAY_TRAIN_LOG_LEVEL", "WARNING")),
     )
     return TorchTrainer(
         train_worker,
@@ -174,7 +176,8 @@ def ensure_ray(cfg) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.scaling.ray_num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False)
+        # The dashboard also serves the state API that Ray Train's placement-group cleaner polls.
+        ray.init(num_cpus=cfg.scaling.ray_num_cpus or max(4, os.cpu_count() or 1), include_dashboard=True)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

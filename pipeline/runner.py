@@ -42,7 +42,8 @@ def default_run_name(cfg: Config) -> str:
 
 def prepare_data(cfg: Config, output_dir: str, mode: str):
     """Tokenizer (trained and cached when `bpe:N`) and the window source; bad input fails here, before workers."""
-    from pipeline.data import build_source, load_tokenizer
+    from pipeline.data import build_source
+    from pipeline.tokenizer import load_tokenizer
 
     tok = load_tokenizer(cfg.data, output_dir)
     source = build_source(cfg, output_dir, mode=mode)
@@ -139,7 +140,13 @@ def _fit_ray(cfg, paths, source, tok, tracker, console, extra_callbacks) -> dict
         if isinstance(root, TSTError):
             raise root from None
         raise
-    summary = dict(result.metrics or {})
+    # result.metrics are those of the last checkpoint; the run's final summary is the controller's last record
+    from pipeline.metrics import JsonlWriter
+
+    finals = [r for r in JsonlWriter(os.path.join(paths.run_dir, "metrics.jsonl")).read() if r.get("kind") == "final"]
+    summary = dict(finals[-1]) if finals else dict(result.metrics or {})
+    if result.error is not None and not finals:
+        raise result.error
     if result.checkpoint is not None:
         summary["checkpoint"] = result.checkpoint.path
     if summary.get("status") == "nonfinite" and result.checkpoint is not None:
