@@ -74,6 +74,7 @@ class DataConfig:
     read_cpus: float = 0.5
     tokenize_actor_cpus: float = 1.0
     dealer_cpus: float = 0.25
+    dealer_cache_mb: float = 256.0  # a corpus whose tokens fit is kept by the dealer after one pass (later epochs)
     actor_resources: dict = field(default_factory=dict)
 
 

@@ -64,6 +64,9 @@ from pipeline.errors import DataError
 
 log = logging.getLogger("tst.data")
 
+PREFLIGHT_FULL_COUNT_CHARS = 2_000_000  # ray mode: the driver counts a corpus this small completely
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                 "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "GOOGLE_APPLICATION_CREDENTIALS")
 SKIP_REASONS = ("empty", "malformed_json", "missing_field", "unreadable_file")
 _MAX_WARNINGS = 10
 
@@ -940,12 +943,19 @@ class _Dealer:
         self.keep_behind = 2 * max(1, plan.prefetch_steps) + 4
         self.max_step = -1
         self.epoch = 0
-        self._it = None
+        self._producer = None
+        self.queue_batches = 32
         self._epoch_tokens = 0
         self._epoch_docs = 0
         self._doc_base = 0  # doc ordinal of the first document of the current epoch
         self.stats = new_stats()
         self.stats_epochs = 0  # stats are those of the first complete pass
+        # a corpus that fits in data.dealer_cache_mb is recorded during one full pass and later epochs are
+        # served from that copy instead of re-executing the Ray Data pipeline
+        self._cache_cap = int(self.cfg.dealer_cache_mb * 1e6)
+        self._rec: Optional[list] = [] if self._cache_cap > 0 else None
+        self._rec_bytes = 0
+        self.cache = None
         self.restarts = 0
         self.delivered = 0
 
@@ -953,54 +963,112 @@ class _Dealer:
         return True
 
     # -- the stream -------------------------------------------------------------------------------------------
-    def _new_epoch_iter(self):
-        ds = build_ray_dataset(self.cfg, self.entries, self.tok_path, self.eos_token, self.stop)
-        return ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4)
+    def _start_producer(self, epoch: int):
+        """A background thread that runs the Ray Data stream epoch after epoch into a bounded queue, so the
+        next epoch's pipeline starts while the dealer still serves the end of the previous one."""
+        self._stop_producer()
+        q: queue.Queue = queue.Queue(maxsize=self.queue_batches)
+        stop = threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.2)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def run():
+            e = epoch
+            try:
+                while not stop.is_set():
+                    ds = build_ray_dataset(self.cfg, self.entries, self.tok_path, self.eos_token, self.stop)
+                    for tbl in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4):
+                        if not put(("batch", e, tbl)):
+                            return
+                    if not put(("end", e, None)):
+                        return
+                    e += 1
+            except BaseException as ex:  # noqa: BLE001 - handed to the consumer
+                put(("error", e, ex))
+
+        th = threading.Thread(target=run, name="tst-dealer-producer", daemon=True)
+        th.start()
+        self._producer = (th, q, stop)
+
+    def _stop_producer(self):
+        if self._producer is not None:
+            th, q, stop = self._producer
+            stop.set()
+            try:
+                while True:
+                    q.get_nowait()
+            except queue.Empty:
+                pass
+            self._producer = None
 
     def _restart(self, offset: int):
         """Position the stream at the start of the epoch that contains `offset` (or at 0)."""
         self.restarts += 1
-        self._it = None
-        if self.corpus_tokens:
-            e = offset // self.corpus_tokens
-        else:
-            e = 0
+        if not self.stats_epochs:
+            self.stats = new_stats()  # counted again from the start of the first pass
+        e = offset // self.corpus_tokens if (self.corpus_tokens and self.corpus_docs is not None) else 0
         self.epoch = e
         self.buf.reset(e * (self.corpus_tokens or 0))
         self._epoch_tokens = 0
         self._epoch_docs = 0
         self._doc_base = e * (self.corpus_docs or 0)
+        if self.cache is None:
+            if self._rec is not None:
+                self._rec, self._rec_bytes = [], 0
+            self._start_producer(e)
 
-    def _pull(self) -> bool:
-        """Append the next batch of the stream to the buffer; crosses epochs. False never (infinite stream)."""
+    def _pull(self) -> None:
+        """Append the next batch of the stream to the buffer, crossing epochs (the stream never ends)."""
+        if self.cache is not None:  # a whole epoch from the dealer's copy of a small corpus
+            toks, docs = self.cache
+            self.buf.append(toks, None if docs is None else docs + self.epoch * self.corpus_docs)
+            self._next_epoch()
+            return
         while True:
-            if self._it is None:
-                if self.epoch > 0:
-                    log.info("data: starting epoch %d of the corpus at stream offset %d", self.epoch + 1, self.buf.end)
-                self._it = iter(self._new_epoch_iter())
-            try:
-                tbl = next(self._it)
-            except StopIteration:
-                self._it = None
-                if self._epoch_tokens == 0:
-                    raise DataError("the corpus produced no training tokens in a pass; check data.source")
-                if self.corpus_tokens is None or self.corpus_docs is None:
-                    self.corpus_tokens, self.corpus_docs = self._epoch_tokens, self._epoch_docs
-                elif self.corpus_tokens != self._epoch_tokens:
-                    raise DataError(f"the corpus changed during the run ({self.corpus_tokens} tokens in one pass, "
-                                    f"{self._epoch_tokens} in another); do not modify data.source while training")
-                if self.stats_epochs == 0:
-                    self.stats_epochs = 1
-                self.epoch += 1
-                if self.cfg.max_epochs is not None and self.epoch >= self.cfg.max_epochs:
-                    raise DataError(f"the run needs more than data.max_epochs={self.cfg.max_epochs} passes over the corpus; "
-                                    f"add data, lower train.steps, or raise data.max_epochs")
-                self._epoch_tokens = 0
-                self._epoch_docs = 0
-                self._doc_base = self.epoch * self.corpus_docs
-                continue
-            self._consume(tbl)
-            return True
+            if self._producer is None:
+                self._start_producer(self.epoch)
+            kind, e, item = self._producer[1].get()
+            if kind == "error":
+                self._producer = None
+                raise item
+            if kind == "batch":
+                self._consume(item)
+                return
+            # end of an epoch
+            if self._epoch_tokens == 0:
+                raise DataError("the corpus produced no training tokens in a pass; check data.source")
+            if self.corpus_tokens is None or self.corpus_docs is None:
+                self.corpus_tokens, self.corpus_docs = self._epoch_tokens, self._epoch_docs
+            elif self.corpus_tokens != self._epoch_tokens:
+                raise DataError(f"the corpus changed during the run ({self.corpus_tokens} tokens in one pass, "
+                                f"{self._epoch_tokens} in another); do not modify data.source while training")
+            self.stats_epochs = 1
+            if self._rec is not None and self.cache is None:
+                toks = np.concatenate([t for t, _ in self._rec])
+                docs = np.concatenate([d for _, d in self._rec]) - self._doc_base if self.mask else None
+                self.cache = (toks, docs)
+                self._rec = None
+                self._stop_producer()
+            self._next_epoch()
+            if self.cache is not None:
+                return
+
+    def _next_epoch(self):
+        self.epoch += 1
+        log.info("data: epoch %d of the corpus starts at stream offset %d", self.epoch + 1, self.buf.end)
+        if self.cfg.max_epochs is not None and self.epoch >= self.cfg.max_epochs:
+            raise DataError(f"the run needs more than data.max_epochs={self.cfg.max_epochs} passes over the corpus; "
+                            f"add data, lower train.steps, or raise data.max_epochs")
+        self._epoch_tokens = 0
+        self._epoch_docs = 0
+        self._doc_base = self.epoch * self.corpus_docs
 
     def _consume(self, tbl):
         kinds = tbl.column("kind").to_pylist()
@@ -1028,6 +1096,11 @@ class _Dealer:
             self._epoch_docs += sum(1 for k in kinds if k == "")
         self._epoch_tokens += len(toks)
         self.buf.append(toks, docs)
+        if self._rec is not None:
+            self._rec.append((toks, docs))
+            self._rec_bytes += toks.nbytes + (docs.nbytes if docs is not None else 0)
+            if self._rec_bytes > self._cache_cap:
+                self._rec = None  # too big to keep: later epochs re-execute the pipeline
 
     def _ensure(self, a: int, b: int):
         if a < self.buf.start:
@@ -1096,12 +1169,14 @@ class RayDataSource:
         need = plan.max_window_len()
         n_tok, stop, buf = 0, None, []
         full_pass = True
+        stats_chars = [0]
         for _, text in iter_documents(d, "train", stats, entries):
             buf.append(text)
+            stats_chars[0] += len(text)
             if len(buf) >= 64:
                 n_tok += len(tok.encode_documents(buf)[0])
                 buf = []
-            if n_tok >= need and d.max_documents is None:
+            if n_tok >= need and d.max_documents is None and stats_chars[0] > PREFLIGHT_FULL_COUNT_CHARS:
                 full_pass = False
                 break
         if buf:
@@ -1117,7 +1192,10 @@ class RayDataSource:
         namespace = ray.get_runtime_context().namespace
         res = dict(d.actor_resources or {})
         Dealer = ray.remote(_Dealer)
-        dealer = Dealer.options(name=name, num_cpus=d.dealer_cpus, resources=res or None, max_concurrency=1).remote(
+        # object-store credentials and endpoints of the driver reach the read tasks (they inherit the dealer's env)
+        env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+        dealer = Dealer.options(name=name, num_cpus=d.dealer_cpus, resources=res or None, max_concurrency=1,
+                                runtime_env={"env_vars": env} if env else None).remote(
             dataclasses.asdict(d), [dataclasses.asdict(e) for e in entries], tok.path, tok.eos_token, plan, stop,
             n_tok if full_pass else None, stats["documents"] if full_pass else None,
         )
