@@ -6,9 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import tst_ops
 from pipeline.config import ConfigError, ModelConfig
 from pipeline.model import PRESETS, Transformer, resolve_model_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: one intra-op thread is many times faster than two on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def tiny(vocab=97, **kw):
@@ -198,21 +206,3 @@ def test_preset_totals():
     assert totals["3B"] == 3_337_766_912
     assert totals["125M"] == 125_848_320
     assert 1_000_000 < _count("tiny", 4096)[0].num_params() < 2_000_000
-
-
-@pytest.fixture(autouse=True)
-def _tst_ops_reference(monkeypatch):
-    """Until tst_ops lands in this checkout, stand in with literal references (test-only; see git log)."""
-    if not hasattr(tst_ops, "bag_embedding"):
-
-        def bag_embedding(bags, weight):
-            return F.embedding(bags, weight).float().mean(-2).to(weight.dtype)
-
-        monkeypatch.setattr(tst_ops, "bag_embedding", bag_embedding, raising=False)
-    if not hasattr(tst_ops, "fused_linear_multi_hot_cross_entropy"):
-
-        def fused(hidden, w, targets, weights="uniform", ignore_index=-100, slot_counts=None, chunk_size=None):
-            assert weights == "uniform" and slot_counts is None
-            return ce_ref(hidden @ w.T, targets)
-
-        monkeypatch.setattr(tst_ops, "fused_linear_multi_hot_cross_entropy", fused, raising=False)
