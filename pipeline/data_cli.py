@@ -1,0 +1,159 @@
+"""`tst data inspect`, `tst tokenizer train`, `tst data build-corpus`.
+
+    tst data inspect --config recipes/tiny.yaml [key=value ...]   # what the model will read
+    tst tokenizer train --config recipes/tiny.yaml --vocab-size 8192 [--out tok.json]
+    tst data build-corpus --out data/bench100 [--mb 100] [--no-debian]
+
+Imports nothing heavy at registration time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(subparsers) -> None:
+    data = subparsers.add_parser("data", help="inspect the data stream, build a benchmark corpus")
+    dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    data.set_defaults(func=lambda a: (data.print_help(), 2)[1])
+
+    ins = dsub.add_parser("inspect", help="documents, tokens, windows per phase, skipped items, a sample window")
+    ins.add_argument("--config", help="recipe YAML (default: built-in defaults)")
+    ins.add_argument("--max-bags", type=int, default=48, help="bags of the sample window to print (default 48)")
+    ins.add_argument("--json", action="store_true", help="print the numbers as JSON instead of text")
+    ins.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. data.bag_size=6")
+    ins.set_defaults(func=cmd_inspect)
+
+    bc = dsub.add_parser("build-corpus", help="write a 100 MB+ JSONL corpus (builtins + Debian doc packages)")
+    bc.add_argument("--out", required=True, help="output folder for corpus-NNNNN.jsonl shards")
+    bc.add_argument("--mb", type=float, default=100.0, help="target size in MB of UTF-8 text (default 100)")
+    bc.add_argument("--shard-mb", type=float, default=32.0, help="MB per shard (default 32)")
+    bc.add_argument("--no-debian", action="store_true", help="only the builtin corpora (about 10 MB)")
+    bc.add_argument("--seed", type=int, default=0, help="document shuffle seed; -1 keeps source order")
+    bc.set_defaults(func=cmd_build_corpus)
+
+    tok = subparsers.add_parser("tokenizer", help="train a byte-level BPE on the corpus")
+    tsub = tok.add_subparsers(dest="tokenizer_command", metavar="TOKENIZER_COMMAND")
+    tok.set_defaults(func=lambda a: (tok.print_help(), 2)[1])
+    tr = tsub.add_parser("train", help="train a byte-level BPE on the train split of data.source")
+    tr.add_argument("--config", help="recipe YAML (default: built-in defaults)")
+    tr.add_argument("--vocab-size", type=int, default=None, help="vocabulary size (default: N of data.tokenizer=bpe:N, else 4096)")
+    tr.add_argument("--out", default=None, help="tokenizer.json to write (default: the cache path that bpe:N uses)")
+    tr.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. data.source=corpus/")
+    tr.set_defaults(func=cmd_tokenizer_train)
+
+
+# -- tst data inspect ----------------------------------------------------------------------------------------------
+def mark_bags(tok, window, s: int, max_bags: int) -> str:
+    """Decode a raw window bag by bag: `[bag 1][bag 2]...`, EOS shown as its token text."""
+    ids = [int(x) for x in window]
+    L = (len(ids) - s) // s if s > 1 else len(ids) - 1
+    parts = []
+    for j in range(min(L, max_bags)):
+        bag = ids[j * s:(j + 1) * s]
+        parts.append("[" + tok.decode(bag).replace("\n", "\\n") + "]")
+    more = f" ... (+{L - max_bags} bags)" if L > max_bags else ""
+    tail = ids[L * s:]
+    return "".join(parts) + more + "  targets' tail: [" + tok.decode(tail).replace("\n", "\\n") + "]"
+
+
+def inspect(cfg, max_bags: int = 48) -> dict:
+    from pipeline.data import StreamPlan, build_source, list_files
+    from pipeline.tokenizer import load_tokenizer
+
+    out = cfg.run.output_dir
+    tok = load_tokenizer(cfg.data, out)
+    src = build_source(cfg, out, "memory", tokenizer=tok)
+    plan: StreamPlan = src.plan
+    s, L = cfg.data.bag_size, cfg.data.seq_len
+    n = src.corpus_tokens
+    st = src.stats
+    files = list_files(cfg.data.source, cfg.data)
+    sup_steps = plan.switch_step
+    info = {
+        "source": cfg.data.source, "files": len(files), "tokenizer": tok.path, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
+        "records": st["records"], "documents": st["documents"], "val_documents": st["val_documents"],
+        "skipped": st["skipped"], "invalid_utf8_decoded_with_replacement": st["invalid_utf8"],
+        "train_tokens": n, "val_tokens": int(len(src.val_tokens)),
+        "windows_per_epoch": {
+            "superposition": {"bag_size": s, "window_tokens": s * L + s, "windows": (n - s) // (s * L) if n > s else 0},
+            "recovery": {"window_tokens": L + 1, "windows": (n - 1) // L},
+        },
+        "run": {"steps": plan.total_steps, "switch_step": sup_steps, "global_batch": plan.global_batch_size,
+                "tokens_read": plan.tokens_needed(), "epochs": round(plan.tokens_needed() / n, 3),
+                "val_windows": int(src.val_windows()[0].shape[0] if isinstance(src.val_windows(), tuple) else src.val_windows().shape[0])},
+        "doc_boundary": cfg.data.doc_boundary,
+    }
+    w0 = src.step_windows(0, 0, 1)
+    w0 = w0[0] if isinstance(w0, tuple) else w0
+    s0 = plan.bag_size_at(0)
+    info["sample"] = {"step": 0, "phase": "superposition" if s0 > 1 else "recovery", "bag_size": s0,
+                      "text": mark_bags(tok, w0[0].tolist(), s0, max_bags)}
+    if sup_steps < plan.total_steps and s0 > 1:
+        wr = src.step_windows(sup_steps, 0, 1)
+        wr = wr[0] if isinstance(wr, tuple) else wr
+        info["sample_recovery"] = {"step": sup_steps, "text": mark_bags(tok, wr[0].tolist(), 1, max_bags)}
+    return info
+
+
+def cmd_inspect(args) -> int:
+    from pipeline.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    info = inspect(cfg, args.max_bags)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    w = info["windows_per_epoch"]
+    r = info["run"]
+    sk = ", ".join(f"{k} {v}" for k, v in info["skipped"].items())
+    print(f"source        {info['source']} ({info['files']} file(s))")
+    print(f"tokenizer     {info['tokenizer']} (vocab {info['vocab_size']}, EOS id {info['eos_id']})")
+    print(f"documents     {info['documents']} train, {info['val_documents']} held out ({info['records']} records read)")
+    print(f"skipped       {sk}; invalid UTF-8 decoded with replacement: {info['invalid_utf8_decoded_with_replacement']}")
+    print(f"tokens        {info['train_tokens']:,} train, {info['val_tokens']:,} held out")
+    print(f"windows/epoch superposition (s={w['superposition']['bag_size']}, {w['superposition']['window_tokens']} tokens): "
+          f"{w['superposition']['windows']:,}; recovery ({w['recovery']['window_tokens']} tokens): {w['recovery']['windows']:,}")
+    print(f"run           {r['steps']} steps (superposition 0..{r['switch_step'] - 1}), batch {r['global_batch']}, "
+          f"reads {r['tokens_read']:,} tokens = {r['epochs']} epoch(s); {r['val_windows']} held-out windows; "
+          f"doc boundary: {info['doc_boundary']}")
+    sm = info["sample"]
+    print(f"\nsample window (step {sm['step']}, {sm['phase']}, each [..] is one bag of {sm['bag_size']} token(s)):")
+    print(sm["text"])
+    if "sample_recovery" in info:
+        print(f"\nsample window (step {info['sample_recovery']['step']}, recovery, one token per [..]):")
+        print(info["sample_recovery"]["text"])
+    return 0
+
+
+# -- tst tokenizer train ---------------------------------------------------------------------------------------------
+def cmd_tokenizer_train(args) -> int:
+    from pipeline.config import load_config
+    from pipeline.tokenizer import bpe_cache_path, parse_tokenizer_spec, train_corpus_bpe
+
+    cfg = load_config(args.config, args.overrides)
+    kind, n = parse_tokenizer_spec(cfg.data.tokenizer)
+    vocab = args.vocab_size or (n if kind == "bpe" else 4096)
+    out = args.out or bpe_cache_path(cfg.data, cfg.run.output_dir, vocab)
+    info = train_corpus_bpe(cfg.data, vocab, out)
+    print(f"trained byte-level BPE (vocab {vocab}) on {info['documents']} documents ({info['chars']:,} chars) "
+          f"in {info['seconds']}s -> {out}")
+    if not args.out:
+        print(f"use it with data.tokenizer=bpe:{vocab} (cached) or data.tokenizer={out}")
+    return 0
+
+
+# -- tst data build-corpus -----------------------------------------------------------------------------------------
+def cmd_build_corpus(args) -> int:
+    import logging
+
+    from pipeline.corpus import build_corpus
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    summary = build_corpus(args.out, target_mb=args.mb, shard_mb=args.shard_mb, debian=not args.no_debian,
+                           shuffle_seed=None if args.seed < 0 else args.seed)
+    print(f"wrote {summary['mb']} MB in {summary['shards']} shard(s) to {summary['out']} "
+          f"(use data.source={summary['out']})", file=sys.stdout)
+    return 0
