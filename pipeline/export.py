@@ -1,0 +1,456 @@
+"""`tst export` and `tst generate`: every checkpoint becomes an ordinary Hugging Face Llama.
+
+Why: the paper's promise is that a TST-trained model is, at inference time, identical to a conventionally
+pretrained one. `pipeline.model.Transformer` mirrors `transformers.LlamaForCausalLM` exactly, so export is:
+  1. gather the (possibly FSDP-sharded) model state from the checkpoint's torch.distributed.checkpoint (DCP)
+     folder in one process, without a process group or a GPU (DCP stores global shapes; loading plain tensors
+     reassembles the shards);
+  2. rename the parameters (`pipeline.model.to_hf_state_dict`) and write `model.safetensors` (or
+     `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json` when larger than --max-shard-size);
+  3. write `config.json` (LlamaForCausalLM: our model is a plain Llama for every preset, including the
+     Qwen3/SmolLM3-sized ones: no QK-norm, RoPE in every layer, untied embeddings), `generation_config.json`,
+     and the tokenizer (`tokenizer.json` + `tokenizer_config.json` for `PreTrainedTokenizerFast`), so that
+     `AutoModelForCausalLM.from_pretrained(OUT)` and `AutoTokenizer.from_pretrained(OUT)` just work.
+A checkpoint from the superposition phase exports too, with a warning: it predicts bags, not next tokens, until
+the recovery phase has run (paper: r = 1 gives next-token loss 4.6-6.5).
+
+`tst generate` samples with a KV cache (temperature, top-k, top-p; temperature 0 = greedy) from a checkpoint or
+an export, on CPU or GPU. Prompts are encoded as they are (no BOS: training documents are only EOS-separated).
+
+Checkpoints are read with `pipeline.checkpoint` (`find_checkpoint`, `load_model_state`): a folder holding the DCP
+of `{"model": ..., "optimizer": ...}`, `meta.json` ({"step", "phase", "phase_of_last_step", "config" with resolved
+model fields, "tokenizer": "tokenizer.json"}) and the tokenizer file; a run folder means its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import warnings
+from typing import Optional
+
+import torch
+
+# Prefixes that wrappers (torch.compile, activation checkpointing) add to parameter names.
+_WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "module.")
+_EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "[EOS]", "<|eos|>", "<|im_end|>")
+_BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "[BOS]", "<|bos|>")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading checkpoints and exports
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict, str]:
+    """(full model state dict in our names, meta.json, checkpoint folder) of a checkpoint folder, or of the latest
+    checkpoint of a run folder. Gathers FSDP shards in this process, no process group (pipeline.checkpoint)."""
+    from pipeline.checkpoint import find_checkpoint, load_model_state
+    from pipeline.errors import TSTError
+
+    try:
+        ckpt = find_checkpoint(path)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+            sd, meta = load_model_state(ckpt)
+    except FileNotFoundError as e:
+        raise TSTError(str(e)) from None
+    out = {}
+    for k, v in sd.items():
+        for p in _WRAPPER_PREFIXES:  # a state dict taken from a compiled / AC-wrapped module
+            k = k.replace(p, "")
+        out[k] = v
+    return out, meta, ckpt
+
+
+def unrecovered(meta: dict) -> bool:
+    """True when the last optimizer step before this checkpoint was a superposition step (the model predicts
+    bags, not next tokens). A checkpoint at the switch step says phase=recovery but has not recovered yet."""
+    last = meta.get("phase_of_last_step", meta.get("phase"))
+    return last == "superposition"
+
+
+def _model_config_from_meta(meta: dict, sd: dict):
+    from pipeline.config import Config
+    from pipeline.model import resolve_model_config
+
+    cfg = Config.from_dict(meta.get("config") or {}).model
+    return resolve_model_config(cfg, vocab_size=sd["tok_embeddings.weight"].shape[0])
+
+
+def _model_config_from_hf(hf: dict):
+    from pipeline.config import ModelConfig
+
+    from pipeline.errors import TSTError
+
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if hf.get("model_type", "llama") != "llama" or rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise TSTError(
+            f"only plain Llama exports load here (model_type llama, default RoPE); got model_type "
+            f"{hf.get('model_type')!r}, rope {rope}"
+        )
+    theta = hf.get("rope_theta") or rope.get("rope_theta", 10000.0)
+    return ModelConfig(
+        preset=hf.get("tst_preset", "tiny"),
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"],
+        num_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+        intermediate_size=hf["intermediate_size"],
+        rope_theta=float(theta),
+        rms_norm_eps=float(hf["rms_norm_eps"]),
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+    )
+
+
+def _read_safetensors(folder: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    sd = {}
+    for name in files:
+        sd.update(load_file(os.path.join(folder, name)))
+    return sd
+
+
+def load_model(path: str, device="cpu", dtype: Optional[torch.dtype] = None):
+    """A checkpoint (folder with meta.json, or a run folder of them) or an export (config.json + safetensors)
+    -> (Transformer in eval mode, tokenizer file path or None, info dict)."""
+    from pipeline.model import Transformer, from_hf_state_dict
+
+    if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, "meta.json")):
+        with open(os.path.join(path, "config.json")) as f:
+            hf = json.load(f)
+        cfg = _model_config_from_hf(hf)
+        sd = from_hf_state_dict(_read_safetensors(path))
+        if "lm_head.weight" not in sd and hf.get("tie_word_embeddings"):
+            sd["lm_head.weight"] = sd["tok_embeddings.weight"]  # a tied Llama from elsewhere (our exports are untied)
+        tok = os.path.join(path, "tokenizer.json")
+        info = {"source": "export", "eos_token_id": hf.get("eos_token_id"), "bos_token_id": hf.get("bos_token_id")}
+    else:
+        sd, meta, ckpt = load_checkpoint(path)
+        cfg = _model_config_from_meta(meta, sd)
+        tok = os.path.join(ckpt, meta.get("tokenizer") or "tokenizer.json")
+        info = {"source": "checkpoint", "step": meta.get("step"), "phase": meta.get("phase"), "checkpoint": ckpt,
+                "unrecovered": unrecovered(meta)}
+        if os.path.isfile(tok):
+            info.update(_special_ids(tok))
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.load_state_dict(sd, strict=True, assign=True)
+    model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
+    return model.eval(), (tok if os.path.isfile(tok) else None), info
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing an export
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _special_ids(tokenizer_json: str) -> dict:
+    """bos/eos tokens of a tokenizers JSON: by well-known name among its special tokens; eos falls back to the
+    first special token (byte-level BPE trained here has one, the document separator); bos falls back to eos."""
+    with open(tokenizer_json, encoding="utf-8") as f:
+        tj = json.load(f)
+    specials = [(t["content"], t["id"]) for t in tj.get("added_tokens", []) if t.get("special")]
+    by_name = dict(specials)
+    eos = next(((n, by_name[n]) for n in _EOS_NAMES if n in by_name), specials[0] if specials else (None, None))
+    bos = next(((n, by_name[n]) for n in _BOS_NAMES if n in by_name), eos)
+    return {"eos_token": eos[0], "eos_token_id": eos[1], "bos_token": bos[0], "bos_token_id": bos[1]}
+
+
+def hf_config(cfg, special: dict, dtype: torch.dtype) -> dict:
+    """config.json of the matching transformers architecture (LlamaForCausalLM). Written for transformers 4.x
+    (`rope_theta`, `rope_scaling`) and 5.x (`rope_parameters`) alike."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.hidden_size // cfg.num_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "pretraining_tp": 1,
+        "tie_word_embeddings": False,
+        "initializer_range": cfg.init_std,
+        "bos_token_id": special.get("bos_token_id"),
+        "eos_token_id": special.get("eos_token_id"),
+        "pad_token_id": None,
+        "use_cache": True,
+        "torch_dtype": str(dtype).replace("torch.", ""),
+        "dtype": str(dtype).replace("torch.", ""),
+        "tst_preset": cfg.preset,
+    }
+
+
+def _parse_size(s) -> int:
+    if isinstance(s, int):
+        return s
+    s = str(s).strip().upper()
+    for unit, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(s)
+
+
+def write_safetensors(hf_sd: dict[str, torch.Tensor], out_dir: str, max_shard_size="5GB", metadata=None) -> list[str]:
+    """model.safetensors, or HF-style shards + model.safetensors.index.json when over max_shard_size bytes."""
+    from safetensors.torch import save_file
+
+    limit = _parse_size(max_shard_size)
+    metadata = {"format": "pt", **(metadata or {})}
+    shards, cur, cur_size = [], {}, 0
+    for name, t in hf_sd.items():
+        t = t.detach().to("cpu").contiguous().clone()  # no shared storage, no DTensor
+        n = t.numel() * t.element_size()
+        if cur and cur_size + n > limit:
+            shards.append(cur)
+            cur, cur_size = {}, 0
+        cur[name] = t
+        cur_size += n
+    shards.append(cur)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata=metadata)
+        return ["model.safetensors"]
+    names, weight_map, total = [], {}, 0
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(out_dir, fname), metadata=metadata)
+        names.append(fname)
+        for k, t in shard.items():
+            weight_map[k] = fname
+            total += t.numel() * t.element_size()
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return names
+
+
+def write_tokenizer(tokenizer_json: str, out_dir: str, model_max_length: int) -> dict:
+    """tokenizer.json + tokenizer_config.json (+ special_tokens_map.json) for AutoTokenizer."""
+    shutil.copyfile(tokenizer_json, os.path.join(out_dir, "tokenizer.json"))
+    special = _special_ids(tokenizer_json)
+    tc = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": model_max_length,
+        "clean_up_tokenization_spaces": False,
+        "add_bos_token": False,
+        "add_eos_token": False,
+    }
+    stm = {}
+    for k in ("bos_token", "eos_token"):
+        if special.get(k) is not None:
+            tc[k] = stm[k] = special[k]
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(tc, f, indent=2)
+    with open(os.path.join(out_dir, "special_tokens_map.json"), "w") as f:
+        json.dump(stm, f, indent=2)
+    return special
+
+
+def export_checkpoint(
+    checkpoint: str,
+    out_dir: str,
+    *,
+    dtype: Optional[str] = None,
+    max_shard_size="5GB",
+    mlflow_run_id: Optional[str] = None,
+    tracking_uri: Optional[str] = None,
+) -> dict:
+    """Write an HF-loadable folder from a checkpoint. dtype: None (keep the checkpoint's), float32, bfloat16,
+    float16. Returns a summary dict (files, step, phase, parameter count)."""
+    from pipeline.model import to_hf_state_dict
+
+    sd, meta, ckpt = load_checkpoint(checkpoint)
+    cfg = _model_config_from_meta(meta, sd)
+    phase = meta.get("phase_of_last_step") or meta.get("phase")
+    if unrecovered(meta):
+        warnings.warn(
+            f"checkpoint '{ckpt}' (step {meta.get('step')}) was taken in the superposition phase: the model predicts "
+            "bags of tokens and has not recovered next-token prediction yet; exporting it anyway",
+            UserWarning,
+            stacklevel=2,
+        )
+    if dtype:
+        sd = {k: v.to(getattr(torch, dtype)) for k, v in sd.items()}
+    out_dtype = next(iter(sd.values())).dtype
+    os.makedirs(out_dir, exist_ok=True)
+    files = write_safetensors(to_hf_state_dict(sd), out_dir, max_shard_size, metadata={"tst_step": str(meta.get("step"))})
+    tok = os.path.join(ckpt, meta.get("tokenizer") or "tokenizer.json")
+    special = write_tokenizer(tok, out_dir, cfg.max_position_embeddings) if os.path.isfile(tok) else {}
+    if not special:
+        warnings.warn(f"no tokenizer found at '{tok}'; the export has no tokenizer files", UserWarning, stacklevel=2)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_config(cfg, special, out_dtype), f, indent=2)
+    gen = {"bos_token_id": special.get("bos_token_id"), "eos_token_id": special.get("eos_token_id"),
+           "do_sample": False, "max_new_tokens": 128}
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+        json.dump({k: v for k, v in gen.items() if v is not None}, f, indent=2)
+    summary = {
+        "checkpoint": ckpt,
+        "out_dir": out_dir,
+        "step": meta.get("step"),
+        "phase": phase,
+        "files": files,
+        "num_params": sum(v.numel() for v in sd.values()),
+        "dtype": str(out_dtype).replace("torch.", ""),
+    }
+    with open(os.path.join(out_dir, "tst_export.json"), "w") as f:
+        json.dump({**summary, "config": meta.get("config")}, f, indent=2)
+    if mlflow_run_id:
+        log_export_to_mlflow(out_dir, mlflow_run_id, tracking_uri)
+    return summary
+
+
+def log_export_to_mlflow(out_dir: str, run_id: str, tracking_uri: Optional[str] = None) -> None:
+    """Attach the export folder to an MLflow run as the artifact directory `export/` (mlflow imported here)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    client.log_artifacts(run_id, out_dir, artifact_path="export")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def generate_text(
+    path: str,
+    prompt: str,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.8,
+    top_k: Optional[int] = 50,
+    top_p: Optional[float] = None,
+    seed: Optional[int] = None,
+    device: str = "auto",
+    dtype: Optional[str] = None,
+    stop_at_eos: bool = True,
+) -> tuple[str, list[int], list[int]]:
+    """(completion text, prompt ids, generated ids) from a checkpoint or an export."""
+    from tokenizers import Tokenizer
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tok_path, info = load_model(path, device=device, dtype=getattr(torch, dtype) if dtype else None)
+    if info.get("unrecovered"):
+        warnings.warn("this checkpoint is from the superposition phase; expect poor next-token text", UserWarning)
+    if tok_path is None:
+        from pipeline.errors import TSTError
+
+        raise TSTError(f"no tokenizer.json found with '{path}'")
+    tok = Tokenizer.from_file(tok_path)
+    ids = tok.encode(prompt).ids
+    if not ids:
+        ids = [info.get("eos_token_id") or 0]  # an empty prompt starts a new document
+    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    out = model.generate(
+        torch.tensor([ids], device=device),
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_id=info.get("eos_token_id") if stop_at_eos else None,
+        generator=gen,
+    )
+    new = out[0, len(ids) :].tolist()
+    if stop_at_eos and info.get("eos_token_id") in new:
+        new = new[: new.index(info["eos_token_id"])]
+    return tok.decode(new, skip_special_tokens=False), ids, new
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _cmd_export(args) -> int:
+    summary = export_checkpoint(
+        args.checkpoint,
+        args.out_dir,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        mlflow_run_id=args.mlflow_run_id,
+        tracking_uri=args.tracking_uri,
+    )
+    print(
+        f"exported step {summary['step']} ({summary['phase']}) of {summary['checkpoint']}: "
+        f"{summary['num_params']:,} parameters ({summary['dtype']}) -> {summary['out_dir']} "
+        f"[{', '.join(summary['files'])}]"
+    )
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    text, _, new = generate_text(
+        args.path,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=0.0 if args.greedy else args.temperature,
+        top_k=args.top_k or None,
+        top_p=args.top_p,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+        stop_at_eos=not args.no_stop,
+    )
+    if args.ids:
+        print(" ".join(map(str, new)))
+    else:
+        sys.stdout.write(args.prompt + text + "\n")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="write a checkpoint as a Hugging Face Llama folder (safetensors, config, tokenizer)",
+        description="Gather a (FSDP-sharded) checkpoint and write model.safetensors, config.json "
+        "(LlamaForCausalLM), generation_config.json and the tokenizer, loadable with from_pretrained.",
+    )
+    p.add_argument("checkpoint", help="checkpoint folder (with meta.json), or a run folder: its latest checkpoint")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="cast the weights (default: keep the checkpoint's)")
+    p.add_argument("--max-shard-size", default="5GB", help="split safetensors above this size (e.g. 2GB, 500MB)")
+    p.add_argument("--mlflow-run-id", default=None, help="also log the export as artifacts of this MLflow run")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    p.set_defaults(func=_cmd_export)
+
+    g = subparsers.add_parser(
+        "generate",
+        help="sample text from a checkpoint or an export (KV cache, CPU or GPU)",
+    )
+    g.add_argument("path", help="checkpoint folder, run folder, or export folder")
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=50, help="0 = off")
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--greedy", action="store_true", help="argmax decoding (same as --temperature 0)")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="compute dtype (default: the weights' dtype)")
+    g.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
+    g.add_argument("--ids", action="store_true", help="print the generated token ids instead of text")
+    g.set_defaults(func=_cmd_generate)

