@@ -293,7 +293,8 @@ def export_checkpoint(
         sd = {k: v.to(getattr(torch, dtype)) for k, v in sd.items()}
     out_dtype = next(iter(sd.values())).dtype
     os.makedirs(out_dir, exist_ok=True)
-    files = write_safetensors(to_hf_state_dict(sd), out_dir, max_shard_size, metadata={"tst_step": str(meta.get("step"))})
+    hf_sd = to_hf_state_dict(sd)
+    files = write_safetensors(hf_sd, out_dir, max_shard_size, metadata={"tst_step": str(meta.get("step"))})
     tok = os.path.join(ckpt, meta.get("tokenizer") or "tokenizer.json")
     special = write_tokenizer(tok, out_dir, cfg.max_position_embeddings) if os.path.isfile(tok) else {}
     if not special:

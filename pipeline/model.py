@@ -28,7 +28,6 @@ paper's names round the untied-embedding models up. With SmolLM's own tied 49,15
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional
 
 import torch
@@ -40,7 +39,8 @@ import tst_ops
 # Shapes, with sources. Fields left None in a ModelConfig are filled from here; vocab_size comes from the
 # tokenizer unless the config sets it, and the preset's vocab_size is the reference used for parameter counts.
 PRESETS: dict[str, dict] = {
-    # CPU default: 1.84M parameters at a 4096-id vocabulary (0.79M non-embedding); trains in seconds on 2 cores at seq 128.
+    # CPU default: 1.84M parameters at a 4096-id vocabulary (0.79M non-embedding); trains in seconds on 2 cores
+    # at seq 128.
     "tiny": dict(
         vocab_size=4096, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384,
         rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=2048,
@@ -382,6 +382,7 @@ def to_hf_state_dict(sd: dict) -> dict:
 def from_hf_state_dict(sd: dict) -> dict:
     """LlamaForCausalLM's state dict -> ours (ignores HF's non-persistent extras such as rotary inv_freq)."""
     inv = {v: k for k, v in _TOP.items()}
+    rev = {hv: ov for ov, hv in HF_NAME_MAP.items()}
     out = {}
     for k, v in sd.items():
         if k in inv:
@@ -389,7 +390,6 @@ def from_hf_state_dict(sd: dict) -> dict:
             continue
         parts = k.split(".", 3)  # model, layers, i, rest
         if len(parts) == 4 and parts[:2] == ["model", "layers"]:
-            rev = {hv: ov for ov, hv in HF_NAME_MAP.items()}
             if parts[3] in rev:
                 out[f"layers.{parts[2]}.{rev[parts[3]]}"] = v
                 continue

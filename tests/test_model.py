@@ -1,6 +1,5 @@
 """The decoder: bag mode, the loss inside forward, causality, KV cache, presets and their parameter counts."""
 
-import dataclasses
 
 import pytest
 import torch
@@ -133,6 +132,30 @@ def test_generate_greedy_equals_argmax_rollout():
     g = torch.Generator().manual_seed(1)
     sampled = m.generate(prompt, 6, temperature=0.8, top_k=10, top_p=0.9, generator=g)
     assert sampled.shape == (1, 11) and sampled.max() < 97
+
+
+def test_sampling_filters():
+    from pipeline.model import sample_next
+
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.9], [5.0, 0.0, 0.0, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    assert sample_next(logits, 0).tolist() == [1, 0]
+    assert sample_next(logits, 1.0, top_k=1, generator=g).tolist() == [1, 0]
+    assert sample_next(logits, 1.0, top_p=1e-3, generator=g).tolist() == [1, 0]
+    draws = torch.stack([sample_next(logits, 1.0, top_k=2, generator=g) for _ in range(200)])  # (200, 2)
+    assert set(draws[:, 0].tolist()) == {1, 3}  # only the two largest logits survive
+    p1 = (draws[:, 0] == 1).float().mean().item()
+    assert abs(p1 - torch.tensor([3.0, 2.9]).softmax(0)[0].item()) < 0.1
+
+
+def test_hf_state_dict_names_round_trip():
+    from pipeline.model import from_hf_state_dict, to_hf_state_dict
+
+    sd = tiny().state_dict()
+    hf = to_hf_state_dict(sd)
+    assert "model.layers.3.self_attn.k_proj.weight" in hf and "model.embed_tokens.weight" in hf
+    assert "lm_head.weight" in hf and "model.layers.0.mlp.gate_proj.weight" in hf
+    assert list(from_hf_state_dict(hf)) == list(sd)
 
 
 def test_init_is_deterministic_and_works_from_meta():
