@@ -28,8 +28,12 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def _dcp():
+    import warnings
+
     import torch.distributed.checkpoint as dcp
 
+    # One process with no process group (the Ray-free loop, export) is a supported DCP mode, not a problem.
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
     return dcp
 
 

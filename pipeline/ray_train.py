@@ -81,6 +81,7 @@ def train_worker(config: dict) -> None:
     from pipeline.loop import train
 
     cfg = Config.from_dict(config["cfg"])
+    os.environ.update(config.get("env", {}))  # the driver's TST_* settings (workers inherit the raylet's env)
     ctx = ray.train.get_context()
     if cfg.scaling.use_gpu and torch.cuda.is_available():
         device = torch.device("cuda", ctx.get_local_rank() % torch.cuda.device_count())
@@ -156,7 +157,8 @@ def build_trainer(cfg, *, source, vocab_size: int, tokenizer_json: Optional[str]
     return TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg.to_dict(), "source": source, "vocab_size": vocab_size,
-                           "tokenizer_json": tokenizer_json},
+                           "tokenizer_json": tokenizer_json,
+                           "env": {k: v for k, v in os.environ.items() if k.startswith("TST_")}},
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         scaling_config=scaling,
         run_config=run_config,

@@ -1,0 +1,264 @@
+"""The two-phase trainer: Ray-free loop, checkpoints and exact resume, TorchTrainer + FSDP2 parity, failures.
+
+Real pieces throughout: the bundled Wikipedia corpus tokenized by a BPE trained with HF `tokenizers`, the real
+model and fused loss, DCP checkpoints, Ray Train with 2 gloo workers and FSDP2, MLflow on SQLite.
+"""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from pipeline.config import Config, apply_overrides
+from pipeline.data import build_source
+from pipeline.loop import LocalReporter, Trainer
+from pipeline.metrics import JsonlWriter, MetricsSink
+from pipeline.tokenizer import load_tokenizer
+
+BASE = [
+    "model.preset=tiny", "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
+    "model.intermediate_size=128",
+    "data.source=builtin:wiki", "data.max_documents=300", "data.tokenizer=bpe:512", "data.seq_len=32",
+    "data.val_windows=8",
+    "train.steps=10", "train.global_batch_size=4", "train.lr=3e-3", "train.warmup_steps=2", "train.log_every=1",
+    "train.eval_every=5", "train.checkpoint_every=4", "train.keep_checkpoints=5",
+    "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "scaling.max_failures=2",
+    "run.tracking=false",
+]
+
+
+@pytest.fixture(scope="module")
+def shared_out(tmp_path_factory):
+    """One output dir per module so the tokenizer and tokenized corpus are built once (cached)."""
+    return str(tmp_path_factory.mktemp("out"))
+
+
+def make_cfg(shared_out, *extra) -> Config:
+    return apply_overrides(Config(), BASE + [f"run.output_dir={shared_out}"] + list(extra))
+
+
+def run_local(cfg: Config, run_dir: str, resume: bool = True) -> tuple[dict, list[dict], Trainer]:
+    tok = load_tokenizer(cfg.data, cfg.run.output_dir)
+    src = build_source(cfg, cfg.run.output_dir, mode="memory", tokenizer=tok)
+    sink = MetricsSink(run_dir, cfg.train.steps, console=False)
+    trainer = Trainer(cfg, src, LocalReporter(run_dir, sink, keep=cfg.train.keep_checkpoints, resume=resume),
+                      vocab_size=tok.vocab_size, tokenizer_path=tok.path)
+    summary = trainer.run()
+    return summary, [r for r in sink.history if r.get("kind") != "final"], trainer
+
+
+def losses(records) -> dict[int, float]:
+    return {r["step"]: r["train_loss"] for r in records if "train_loss" in r}
+
+
+def test_switch_happens_at_round_rT_and_keeps_optimizer_state(shared_out, tmp_path):
+    cfg = make_cfg(shared_out, "data.bag_size=4", "train.switch_fraction=0.25")  # floor(0.25*10 + 0.5) = 3
+    tok = load_tokenizer(cfg.data, cfg.run.output_dir)
+    src = build_source(cfg, cfg.run.output_dir, mode="memory", tokenizer=tok)
+    tr = Trainer(cfg, src, LocalReporter(str(tmp_path), None, resume=False), vocab_size=tok.vocab_size)
+    assert tr.switch_step == 3
+    assert [tr.bag_size_at(t) for t in range(5)] == [4, 4, 4, 1, 1]
+    tr._t_start = 0.0
+    it = src.iter_steps(0, 0, 1)
+    seen = []
+    for step in range(5):
+        got, windows = next(it)
+        assert got == step
+        seen.append(tuple(windows.shape))
+        tr.train_step(step, windows)
+        p = tr.model.lm_head.weight
+        state = tr.optimizer.state[p]
+        # AdamW state continues across the switch: one optimizer step per training step, never reset
+        assert int(state["step"]) == step + 1
+        if step == 2:  # last superposition step
+            v_at_switch = state["exp_avg_sq"].clone()
+        if step == 3:  # first recovery step: v = beta2 * v_prev + (1 - beta2) g^2 >= beta2 * v_prev everywhere;
+            # a reset optimizer would hold only (1 - beta2) g^2, far below beta2 * v_prev
+            assert bool((state["exp_avg_sq"] >= cfg.train.beta2 * v_at_switch * (1 - 1e-6)).all())
+    L = cfg.data.seq_len
+    # superposition windows are s*L + s raw tokens, recovery windows L + 1; the same global batch of 4
+    assert seen == [(4, 4 * L + 4)] * 3 + [(4, L + 1)] * 2
+    lrs = [tr.lr_at(t) for t in range(4)]
+    assert lrs[2] == lrs[3] == cfg.train.lr  # the LR schedule runs on across the switch (stable stretch)
+
+
+def test_run_phases_and_metrics(shared_out, tmp_path):
+    cfg = make_cfg(shared_out, "data.bag_size=4", "train.switch_fraction=0.3")  # switch at 3
+    summary, recs, _ = run_local(cfg, str(tmp_path))
+    assert summary["status"] == "finished" and summary["step"] == 10
+    phases = {r["step"]: r["phase"] for r in recs}
+    assert [phases[i] for i in range(1, 11)] == ["superposition"] * 3 + ["recovery"] * 7
+    assert "train_loss_superposition" in recs[0] and "train_loss_recovery" in recs[-1]
+    assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in recs)
+    vals = [r["val_loss"] for r in recs if "val_loss" in r]
+    assert len(vals) == 3  # steps 3 (switch), 5, 10
+    # raw tokens: 3 superposition steps read s=4 times the tokens of a recovery step
+    B, L = 4, 32
+    assert recs[-1]["raw_tokens"] == 3 * B * 4 * L + 7 * B * L
+    assert recs[-1]["latent_positions"] == 10 * B * L
+    for k in ("tokens_per_s", "positions_per_s", "step_time_s", "data_wait_frac", "lr", "grad_norm", "flops"):
+        assert k in recs[-1]
+    # superposition: the phase loss is the multi-hot CE (floors near log s), labelled as such
+    assert recs[0]["bag_size"] == 4 and recs[-1]["bag_size"] == 1
+
+
+def test_resume_reproduces_uninterrupted_losses_exactly(shared_out, tmp_path):
+    cfg = make_cfg(shared_out, "data.bag_size=4", "train.switch_fraction=0.3")
+    full_dir, resumed_dir = str(tmp_path / "full"), str(tmp_path / "resumed")
+    _, full, _ = run_local(cfg, full_dir)
+    # a "killed" run: only its step-4 checkpoint survived
+    os.makedirs(os.path.join(resumed_dir, "checkpoints"))
+    shutil.copytree(os.path.join(full_dir, "checkpoints", "step_00000004"),
+                    os.path.join(resumed_dir, "checkpoints", "step_00000004"))
+    summary, resumed, trainer = run_local(cfg, resumed_dir)
+    assert summary["step"] == 10
+    a, b = losses(full), losses(resumed)
+    assert sorted(b) == list(range(5, 11))
+    for step in b:
+        assert a[step] == b[step], f"step {step}: {a[step]} != {b[step]}"  # bitwise: same data, same state
+    assert summary["final_val_loss"] == [r["val_loss"] for r in full if r["step"] == 10][0]
+
+
+def test_checkpoint_is_atomic_and_pruned(shared_out, tmp_path):
+    from pipeline.checkpoint import LocalCheckpointManager, is_complete
+
+    cfg = make_cfg(shared_out, "train.keep_checkpoints=2")
+    run_local(cfg, str(tmp_path))
+    mgr = LocalCheckpointManager(str(tmp_path), keep=2)
+    names = [os.path.basename(p) for p in mgr.list()]
+    assert names == ["step_00000008", "step_00000010"]  # newest 2 of 4, 8, 10
+    # a crashed save (staging folder without meta.json) is never taken as the latest checkpoint
+    crashed = mgr.staging_dir(12)
+    os.makedirs(crashed)
+    open(os.path.join(crashed, ".metadata"), "w").close()
+    assert not is_complete(crashed)
+    assert os.path.basename(mgr.latest()) == "step_00000010"
+    with pytest.raises(RuntimeError):
+        mgr.publish(crashed, 12)
+    assert os.path.basename(mgr.latest()) == "step_00000010"
+    meta = json.load(open(os.path.join(mgr.latest(), "meta.json")))
+    assert meta["step"] == 10 and meta["data_position"] == 10 * 4 * 32
+    assert os.path.exists(os.path.join(mgr.latest(), "tokenizer.json"))
+
+
+def test_resume_refuses_a_different_run(shared_out, tmp_path):
+    from pipeline.config import ConfigError
+
+    cfg = make_cfg(shared_out, "train.steps=4")
+    run_local(cfg, str(tmp_path))
+    other = make_cfg(shared_out, "train.steps=8")
+    with pytest.raises(ConfigError, match="train.steps"):
+        run_local(other, str(tmp_path))
+
+
+def test_nonfinite_loss_stops_cleanly_naming_step_and_checkpoint(shared_out, tmp_path):
+    from pipeline.errors import NonFiniteLossError
+    from pipeline.runner import run_training
+
+    cfg = make_cfg(shared_out, "train.lr=1e12", "train.warmup_steps=0", "train.grad_clip=0",
+                   "train.checkpoint_every=1", f"run.output_dir={tmp_path}", "train.steps=30")
+    shutil.copytree(shared_out, str(tmp_path), dirs_exist_ok=True)  # reuse the cached tokenizer
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss or gradient norm at step \d+.*Last good checkpoint: /"):
+        run_training(cfg, use_ray=False, name="nan", console=False)
+
+
+def test_unreachable_mlflow_fails_before_training(shared_out, tmp_path):
+    from pipeline.errors import TrackingError
+    from pipeline.runner import run_training
+
+    cfg = make_cfg(shared_out, "run.tracking=true", "run.tracking_uri=http://127.0.0.1:9", f"run.output_dir={tmp_path}")
+    with pytest.raises(TrackingError, match="unreachable.*tracking"):
+        run_training(cfg, use_ray=False, name="x", console=False)
+    assert not os.path.exists(os.path.join(tmp_path, "runs", "x", "metrics.jsonl"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ray Train + FSDP2 (2 gloo workers on the session's local Ray)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _copy_cache(shared_out, dst):
+    for sub in ("tokenizers", "tokens"):
+        if os.path.isdir(os.path.join(shared_out, sub)):
+            shutil.copytree(os.path.join(shared_out, sub), os.path.join(dst, sub), dirs_exist_ok=True)
+
+
+def test_ray_fsdp_one_step_matches_plain_loop(shared_out, tmp_path, ray_session):
+    from pipeline.checkpoint import load_model_state
+    from pipeline.runner import run_training
+
+    out = str(tmp_path)
+    _copy_cache(shared_out, out)
+    cfg = make_cfg(shared_out, "train.steps=1", "train.checkpoint_every=1", f"run.output_dir={out}",
+                   "data.bag_size=4", "train.switch_fraction=1.0", "train.micro_batch_size=1")
+    plain = run_training(cfg, use_ray=False, name="plain", data_mode="memory", console=False)
+    ray_run = run_training(cfg, use_ray=True, name="ray", data_mode="memory", console=False)
+    assert ray_run["world_size"] == 2 and plain["world_size"] == 1
+    lp = JsonlWriter(os.path.join(out, "runs", "plain", "metrics.jsonl")).read()[0]["train_loss"]
+    lr_ = JsonlWriter(os.path.join(out, "runs", "ray", "metrics.jsonl")).read()[0]["train_loss"]
+    assert lp == pytest.approx(lr_, rel=1e-5, abs=1e-6)
+    sd_plain, _ = load_model_state(os.path.join(out, "runs", "plain", "checkpoints", "step_00000001"))
+    sd_ray, meta = load_model_state(os.path.join(out, "runs", "ray", "step_00000001"))
+    assert meta["world_size"] == 2
+    assert sd_plain.keys() == sd_ray.keys()
+    for k in sd_plain:
+        torch.testing.assert_close(sd_ray[k], sd_plain[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_ray_worker_killed_recovers_and_n_to_m_resume(shared_out, tmp_path, ray_session, monkeypatch):
+    """A SIGKILLed worker: FailureConfig restarts from the last checkpoint and the run finishes all T steps.
+    Then the finished 2-worker run's mid-run checkpoint resumes with 1 worker and matches the plain loop."""
+    from pipeline.runner import run_training
+
+    out = str(tmp_path)
+    _copy_cache(shared_out, out)
+    marker = str(tmp_path / "killed")
+    monkeypatch.setenv("TST_INJECT_FAILURE", f"6:1:kill:{marker}")
+    cfg = make_cfg(shared_out, f"run.output_dir={out}", "data.bag_size=4", "train.switch_fraction=0.3")
+    summary = run_training(cfg, use_ray=True, name="killed", data_mode="memory", console=False)
+    assert os.path.exists(marker), "the failure was not injected"
+    assert summary["step"] == 10 and summary["status"] == "finished"
+    recs = JsonlWriter(os.path.join(out, "runs", "killed", "metrics.jsonl")).read()
+    steps = [r["step"] for r in recs if r.get("kind") != "final"]
+    assert steps[-1] == 10 and 5 in steps  # steps 5.. were redone after the restart from step 4
+    monkeypatch.delenv("TST_INJECT_FAILURE")
+
+    # uninterrupted plain run for reference
+    _, plain, _ = run_local(make_cfg(shared_out, f"run.output_dir={out}", "data.bag_size=4",
+                                     "train.switch_fraction=0.3"), str(tmp_path / "plain"))
+    ref = losses(plain)
+    # killed run (2 workers, restarted) reproduces the plain loop up to float reduction order
+    got = {r["step"]: r["train_loss"] for r in recs if "train_loss" in r}
+    for step in range(1, 11):
+        assert got[step] == pytest.approx(ref[step], rel=1e-4), step
+
+
+
+def test_ray_n_to_m_worker_resume(shared_out, tmp_path, ray_session, monkeypatch):
+    """A 2-worker run dies at step 6 (no retries left); started again by name with 1 worker, Ray Train resumes it
+    from its step-4 checkpoint (DCP reshards 2 -> 1) and the losses continue those of the plain loop."""
+    from pipeline.runner import run_training
+
+    out = str(tmp_path)
+    _copy_cache(shared_out, out)
+    over = [f"run.output_dir={out}", "data.bag_size=4", "train.switch_fraction=0.3"]
+    monkeypatch.setenv("TST_INJECT_FAILURE", f"6:0:raise:{tmp_path / 'failed'}")
+    with pytest.raises(Exception, match="injected failure"):
+        run_training(make_cfg(shared_out, *over, "scaling.max_failures=0"), use_ray=True, name="nm",
+                     data_mode="memory", console=False)
+    monkeypatch.delenv("TST_INJECT_FAILURE")
+    summary = run_training(make_cfg(shared_out, *over, "scaling.num_workers=1"), use_ray=True, name="nm",
+                           data_mode="memory", console=False)
+    assert summary["step"] == 10 and summary["world_size"] == 1
+    recs = JsonlWriter(os.path.join(out, "runs", "nm", "metrics.jsonl")).read()
+    by_step = {}
+    for r in recs:
+        if "train_loss" in r:
+            by_step.setdefault(r["step"], []).append((r["world_size"], r["train_loss"]))
+    assert [w for w, _ in by_step[4]] == [2] and by_step[10][-1][0] == 1
+    _, plain, _ = run_local(make_cfg(shared_out, *over), str(tmp_path / "plain"))
+    ref = losses(plain)
+    for step in range(5, 11):
+        assert by_step[step][-1][1] == pytest.approx(ref[step], rel=1e-4), step
