@@ -74,6 +74,10 @@ def run_training(cfg: Config, *, use_ray: bool = True, name: Optional[str] = Non
         tracker.set_tags(environment_tags(world))
 
     mode = data_mode or ("ray" if use_ray else "memory")
+    if use_ray:
+        from pipeline.ray_train import ensure_ray
+
+        ensure_ray(cfg)  # the Ray Data source's dealer actor needs a running Ray
     tok, source = prepare_data(cfg, paths.output_dir, mode)
     if console:
         print(f"[tst] run {paths.name}: {cfg.model.preset} model, T={cfg.train.steps}, "
@@ -121,9 +125,8 @@ def _fit_local(cfg, paths, source, tok, tracker, console) -> dict:
 
 
 def _fit_ray(cfg, paths, source, tok, tracker, console, extra_callbacks) -> dict:
-    from pipeline.ray_train import build_trainer, ensure_ray
+    from pipeline.ray_train import build_trainer
 
-    ensure_ray(cfg)
     with open(tok.path) as f:
         tok_json = f.read()
     trainer = build_trainer(
