@@ -163,9 +163,10 @@ def test_fused_rejects_mismatches():
 
 
 def test_auto_chunk_size():
-    # logits chunk ~ hidden size (N*D/V rows), >= 8 MiB of fp32 logits, >= 32 rows, power of two, <= N
-    assert auto_chunk_size(8192, 1024, 32768) == 256
+    # logits chunk ~ hidden size (N*D/V rows), >= 64 MiB of fp32 logits, >= 32 rows, power of two, <= N
+    assert auto_chunk_size(8192, 1024, 32768) == 512  # N*D/V = 256 < 64 MiB / (4 * 32768) = 512 rows
     assert auto_chunk_size(16384, 2048, 128256) == 512  # 262 rows -> 512
-    assert auto_chunk_size(8192, 64, 32768) == 64  # 8 MiB / (4 * 32768) = 64 rows
+    assert auto_chunk_size(65536, 2048, 32768) == 4096  # N*D/V = 4096 rows
+    assert auto_chunk_size(100000, 128, 2**20) == 32  # at least 32 rows
     assert auto_chunk_size(10, 1024, 50) == 10  # capped at N
     assert auto_chunk_size(1, 8, 50) == 1

@@ -32,8 +32,12 @@ Design (why this one):
   back to the inputs' dtype for the two gradient matmuls (as autograd does for the reference); ``grad_W`` is
   accumulated over chunks in float32 for bf16/fp16 inputs.
 - Automatic chunk size: the chunk's logits are about as large as ``hidden`` (``ceil(N * D / V)`` rows, the
-  Liger rule), but at least 8 MiB worth of rows and at least 32 rows (so the matmuls stay efficient for small
-  N), rounded up to a power of two and capped at N.
+  Liger rule), but at least 64 MiB of float32 logits and at least 32 rows, rounded up to a power of two and
+  capped at N. The floor exists because on CPU small chunks starve the matmuls: the ``grad_W`` update
+  ``dz^T @ h`` has the chunk as its inner dimension and re-reads/writes the whole (V, D) accumulator per chunk
+  (at N=8192, D=1024, V=32768 the Liger rule gives 256 rows, 64 MiB gives 512). 64 MiB of logits is still
+  1/16 of the reference's (N, V) logits there, and the fixed floor keeps memory independent of N once
+  ``N * D / V`` rows are below it.
 """
 
 from __future__ import annotations
@@ -44,11 +48,11 @@ import torch
 
 from .loss import slot_coefficients
 
-_MIN_CHUNK_BYTES = 8 * 2**20
+_MIN_CHUNK_BYTES = 64 * 2**20
 
 
 def auto_chunk_size(n_rows: int, hidden_dim: int, vocab_size: int) -> int:
-    """Rows per chunk (module docstring): ~``N * D / V``, >= 8 MiB of float32 logits and >= 32 rows, pow2, <= N."""
+    """Rows per chunk (module docstring): ~``N * D / V``, >= 64 MiB of float32 logits and >= 32 rows, pow2, <= N."""
     rows = max(math.ceil(n_rows * hidden_dim / vocab_size), _MIN_CHUNK_BYTES // (4 * vocab_size), 32)
     rows = 1 << (rows - 1).bit_length()
     return max(1, min(n_rows, rows))
