@@ -81,6 +81,7 @@ def train_worker(config: dict) -> None:
     from pipeline.loop import train
 
     cfg = Config.from_dict(config["cfg"])
+    _quiet_report_logs()
     os.environ.update(config.get("env", {}))  # the driver's TST_* settings (workers inherit the raylet's env)
     ctx = ray.train.get_context()
     if cfg.scaling.use_gpu and torch.cuda.is_available():
@@ -95,6 +96,20 @@ def train_worker(config: dict) -> None:
             f.write(config["tokenizer_json"])
     train(cfg, config["source"], RayReporter(), vocab_size=config["vocab_size"], device=device,
           tokenizer_path=tok_path)
+
+
+def _quiet_report_logs() -> None:
+    """Ray Train 2.60 logs every `ray.train.report` at INFO on a logger named after its own file, which
+    `LoggingConfig` does not reach; our progress lines already say the same, once and readably."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as _ctx
+
+        logging.getLogger(_ctx.__file__).setLevel(
+            os.environ.get("TST_RAY_TRAIN_LOG_LEVEL", "WARNING").upper())
+    except Exception:  # private module moved: only verbosity is lost
+        pass
 
 
 class MetricsCallback(UserCallback):
