@@ -164,7 +164,8 @@ def _finish_tracking(tracker, paths, cfg, status: str) -> None:
 
     history = JsonlWriter(os.path.join(paths.run_dir, "metrics.jsonl")).read()
     tracker.flush_pending()
-    # back-fill anything the server missed while it was away: JSONL is the record of truth
+    # back-fill anything the server missed while it was away: metrics.jsonl is the record of truth
+    tracker.backfill(history)
     png = loss_curve_png(history, os.path.join(paths.run_dir, "loss_curve.png"), paths.name,
                          switch_step=next((h.get("switch_step") for h in history if h.get("switch_step")), None))
     if png:

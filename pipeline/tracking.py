@@ -156,6 +156,21 @@ class MlflowTracker:
         self._warned = False
         return True
 
+    def backfill(self, history: list[dict]) -> int:
+        """Send the metrics.jsonl records that MLflow never received (server lost mid-run, or records written by
+        a controller whose own buffer died with it). Returns how many step records were sent."""
+        try:
+            logged = {m.step for m in self.client.get_metric_history(self.run_id, "train_loss")}
+        except Exception:
+            return 0
+        sent = 0
+        for rec in history:
+            if rec.get("kind") == "final" or "train_loss" not in rec or rec["step"] in logged:
+                continue
+            self.log_metrics(rec, step=int(rec["step"]))
+            sent += 1
+        return sent
+
     def log_artifact(self, path: str, artifact_path: Optional[str] = None) -> None:
         try:
             self.client.log_artifact(self.run_id, path, artifact_path)

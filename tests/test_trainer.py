@@ -262,3 +262,35 @@ def test_ray_n_to_m_worker_resume(shared_out, tmp_path, ray_session, monkeypatch
     ref = losses(plain)
     for step in range(5, 11):
         assert by_step[step][-1][1] == pytest.approx(ref[step], rel=1e-4), step
+
+
+def test_mlflow_records_params_metrics_artifacts_and_backfills(shared_out, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.runner import run_training
+    from pipeline.tracking import MlflowTracker
+
+    out = str(tmp_path)
+    _copy_cache(shared_out, out)
+    cfg = make_cfg(shared_out, "run.tracking=true", f"run.output_dir={out}", "train.steps=6", "data.bag_size=2",
+                   "train.switch_fraction=0.5")
+    summary = run_training(cfg, use_ray=False, name="tracked", console=False)
+    uri = summary["tracking_uri"]
+    assert uri == "sqlite:///" + os.path.join(out, "mlflow.db")
+    client = MlflowClient(uri)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    p = run.data.params
+    assert p["train.switch_fraction"] == "0.5" and p["data.bag_size"] == "2" and p["train.steps"] == "6"
+    assert run.data.tags["tst.world_size"] == "1" and len(run.data.tags["tst.git_commit"]) >= 7
+    val = client.get_metric_history(run.info.run_id, "val_loss")
+    assert [m.step for m in val] == [3, 5, 6] and all(m.value == m.value for m in val)
+    sup = client.get_metric_history(run.info.run_id, "train_loss_superposition")
+    assert [m.step for m in sup] == [1, 2, 3]
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"loss_curve.png", "config.yaml"} <= arts
+    # a server that was away: records only in metrics.jsonl are back-filled, once
+    history = JsonlWriter(os.path.join(out, "runs", "tracked", "metrics.jsonl")).read()
+    fresh = MlflowTracker(uri, "tst", "copy")
+    assert fresh.backfill(history) == 6 and fresh.backfill(history) == 0
+    assert [m.step for m in client.get_metric_history(fresh.run_id, "train_loss")] == [1, 2, 3, 4, 5, 6]
