@@ -64,7 +64,7 @@ from pipeline.errors import DataError
 
 log = logging.getLogger("tst.data")
 
-PREFLIGHT_FULL_COUNT_CHARS = 2_000_000  # ray mode: the driver counts a corpus this small completely
+PREFLIGHT_FULL_COUNT_CHARS = 1_000_000  # ray mode: the driver counts a corpus this small completely
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                  "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "GOOGLE_APPLICATION_CREDENTIALS")
 SKIP_REASONS = ("empty", "malformed_json", "missing_field", "unreadable_file")
@@ -956,6 +956,8 @@ class _Dealer:
         self._rec: Optional[list] = [] if self._cache_cap > 0 else None
         self._rec_bytes = 0
         self.cache = None
+        # start the pipeline now (epoch 0), so that its start-up overlaps the trainer's; a resume elsewhere restarts it
+        self._start_producer(0)
         self.restarts = 0
         self.delivered = 0
 
