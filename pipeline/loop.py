@@ -289,7 +289,10 @@ class Trainer:
             loss, gnorm = self.train_step(step, windows)
             done = step + 1
             self.state.step = done
-            timer.add(1, t.global_batch_size * s * self.cfg.data.seq_len, t.global_batch_size * self.cfg.data.seq_len, wait)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            positions = t.global_batch_size * self.cfg.data.seq_len
+            timer.add(1, positions * s, positions, wait, time.perf_counter() - t0)
             if not math.isfinite(loss):
                 status = "nonfinite"
                 self.nonfinite_step = done

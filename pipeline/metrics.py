@@ -13,7 +13,6 @@ import json
 import math
 import os
 import sys
-import time
 from typing import Any, Optional
 
 # Dense bf16 peak FLOP/s from the datasheets, by substring of torch.cuda.get_device_name().
@@ -132,26 +131,31 @@ class MetricsSink:
 
 
 class StepTimer:
-    """Wall-clock of steps and of waiting for data, for throughput and data-wait fraction."""
+    """Time spent in training steps (waiting for data + compute) over a logging interval.
+
+    Evaluation and checkpoint time are deliberately outside it, so throughput, data-wait fraction and MFU
+    describe the training steps themselves; the wall-clock of everything is `elapsed_s`.
+    """
 
     def __init__(self):
         self.reset()
 
     def reset(self):
-        self.t0 = time.perf_counter()
+        self.busy = 0.0
         self.wait = 0.0
         self.steps = 0
         self.raw_tokens = 0
         self.positions = 0
 
-    def add(self, steps: int, raw_tokens: int, positions: int, wait: float):
+    def add(self, steps: int, raw_tokens: int, positions: int, wait: float, busy: float):
         self.steps += steps
         self.raw_tokens += raw_tokens
         self.positions += positions
         self.wait += wait
+        self.busy += busy
 
     def rates(self) -> dict:
-        dt = max(time.perf_counter() - self.t0, 1e-9)
+        dt = max(self.busy, 1e-9)
         return {
             "step_time_s": dt / max(self.steps, 1),
             "tokens_per_s": self.raw_tokens / dt,
