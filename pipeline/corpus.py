@@ -37,9 +37,11 @@ log = logging.getLogger("tst.data")
 BUILTINS = ("wiki", "bible", "pydoc")
 
 # Debian packages with a lot of English prose, in the order they are used (largest useful first).
+# Debian packages with a lot of English prose, in the order they are used; "a|b" tries a, then b (versioned
+# names first: on Debian 12 `linux-doc` and `python3-doc` are metapackages of linux-doc-6.1 and python3.11-doc).
 DEBIAN_DOC_PACKAGES = (
-    "linux-doc",
-    "python3-doc",
+    "linux-doc-6.1|linux-doc",
+    "python3.11-doc|python3-doc",
     "perl-doc",
     "wordnet-base",
     "fortunes",
@@ -108,7 +110,8 @@ def builtin_key(name: str) -> str:
 
 
 # -- the benchmark corpus ---------------------------------------------------------------------------------------
-_TEXT_EXT = {".txt", ".text", ".rst", ".md", ".tex", ".pod", ".html", ".htm", ""}
+_SKIP_EXT = {".js", ".css", ".map", ".svg", ".png", ".jpg", ".jpeg", ".gif", ".ico", ".inv", ".pyc", ".json", ".xml",
+             ".woff", ".woff2", ".ttf", ".pdf", ".mo"}
 _TAG = re.compile(r"<[^>]+>")
 
 
@@ -120,14 +123,19 @@ def _looks_like_text(data: bytes) -> bool:
     return printable / len(sample) > 0.9
 
 
-def _debian_documents(pkg: str, workdir: str) -> Iterator[str]:
+def _debian_documents(spec: str, workdir: str) -> Iterator[str]:
     """Text files of one Debian package (apt-get download + dpkg-deb -x), one document per file."""
-    d = os.path.join(workdir, pkg)
-    os.makedirs(d, exist_ok=True)
-    r = subprocess.run(["apt-get", "download", pkg], cwd=d, capture_output=True, text=True)
-    debs = [f for f in os.listdir(d) if f.endswith(".deb")]
-    if r.returncode != 0 or not debs:
-        log.warning("skipping Debian package %s: apt-get download failed (%s)", pkg, (r.stderr or "").strip()[:200])
+    debs, err = [], ""
+    for pkg in spec.split("|"):
+        d = os.path.join(workdir, pkg)
+        os.makedirs(d, exist_ok=True)
+        r = subprocess.run(["apt-get", "download", pkg], cwd=d, capture_output=True, text=True)
+        debs = [f for f in os.listdir(d) if f.endswith(".deb")]
+        if r.returncode == 0 and debs:
+            break
+        err = (r.stderr or "").strip()[:200]
+    if not debs:
+        log.warning("skipping Debian package %s: apt-get download failed (%s)", spec, err)
         return
     root = os.path.join(d, "root")
     subprocess.run(["dpkg-deb", "-x", os.path.join(d, debs[0]), root], check=True)
@@ -138,14 +146,15 @@ def _debian_documents(pkg: str, workdir: str) -> Iterator[str]:
     for path in sorted(files):
         if os.path.islink(path) or not os.path.isfile(path):
             continue
-        base = path[:-3] if path.endswith(".gz") else path
+        packed = path.endswith((".gz", ".dz"))  # dictzip (.dz) is gzip
+        base = path[:-3] if packed else path
         ext = os.path.splitext(base)[1].lower()
-        if ext not in _TEXT_EXT and not base.endswith(("README", "NEWS", "changelog")):
+        if ext in _SKIP_EXT or "/copyright" in base or "changelog" in os.path.basename(base):
             continue
         try:
             with open(path, "rb") as f:
                 data = f.read()
-            if path.endswith(".gz"):
+            if packed:
                 data = gzip.decompress(data)
         except (OSError, EOFError):
             continue

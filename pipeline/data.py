@@ -956,6 +956,7 @@ class _Dealer:
         self._rec: Optional[list] = [] if self._cache_cap > 0 else None
         self._rec_bytes = 0
         self.cache = None
+        self.created, self.first_batch_s = time.time(), None
         # start the pipeline now (epoch 0), so that its start-up overlaps the trainer's; a resume elsewhere restarts it
         self._start_producer(0)
         self.restarts = 0
@@ -987,6 +988,8 @@ class _Dealer:
                 while not stop.is_set():
                     ds = build_ray_dataset(self.cfg, self.entries, self.tok_path, self.eos_token, self.stop)
                     for tbl in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4):
+                        if self.first_batch_s is None:
+                            self.first_batch_s = time.time() - self.created
                         if not put(("batch", e, tbl)):
                             return
                     if not put(("end", e, None)):
@@ -1139,7 +1142,9 @@ class _Dealer:
     def info(self) -> dict:
         return {"corpus_tokens": self.corpus_tokens, "corpus_docs": self.corpus_docs, "epoch": self.epoch,
                 "stats": self.stats if self.stats_epochs else None, "restarts": self.restarts,
-                "buffer_tokens": self.buf.end - self.buf.start, "delivered": self.delivered}
+                "buffer_tokens": self.buf.end - self.buf.start, "delivered": self.delivered,
+                "queued_batches": self._producer[1].qsize() if self._producer else 0,
+                "first_batch_after_s": self.first_batch_s}
 
 
 class RayDataSource:
