@@ -1,0 +1,99 @@
+"""bench/speedup.py: the plan (branch points, token needs), the settings vs their recipes, and a tiny end-to-end run
+whose WSD decay branches must equal separately trained baselines exactly."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench import speedup  # noqa: E402
+
+
+def test_plan_branch_points_and_cadence():
+    cfg = speedup.setting_config("cpu")
+    plan = speedup.plan_runs(cfg, steps=600, bag_size=6, switch_fraction=0.3, lengths=[0.5, 0.75, 1, 1.5, 2],
+                             mode="branches", prefix="cpu-")
+    bases = {b["steps"]: b for b in plan["baselines"]}
+    assert sorted(bases) == [300, 450, 600, 900, 1200]
+    assert bases[1200]["branch_from"] is None  # the long run itself
+    # decay starts T_k - round(0.1 T_k); the cadence is their gcd, so every branch starts exactly there
+    assert {t: bases[t]["decay_start"] for t in (300, 450, 600, 900)} == {300: 270, 450: 405, 600: 540, 900: 810}
+    assert plan["checkpoint_every"] == 135
+    assert all(bases[t]["branch_step"] == bases[t]["decay_start"] for t in (300, 450, 600, 900))
+    # a fine gcd falls back to T_max/40 and the branch starts from the checkpoint before its decay
+    plan = speedup.plan_runs(cfg, steps=610, bag_size=6, switch_fraction=0.3, lengths=[1, 1.5, 2],
+                             mode="branches", prefix="")
+    assert [b["decay_start"] for b in plan["baselines"][:2]] == [549, 823]  # gcd 1
+    assert plan["checkpoint_every"] == 1220 // 40
+    for b in plan["baselines"][:2]:
+        assert b["branch_step"] % 30 == 0 and b["branch_step"] <= b["decay_start"] < b["branch_step"] + 30
+    # separate mode: no branches
+    plan = speedup.plan_runs(cfg, steps=600, bag_size=6, switch_fraction=0.3, lengths=[1, 2], mode="separate",
+                             prefix="")
+    assert all(b["branch_from"] is None for b in plan["baselines"]) and plan["checkpoint_every"] is None
+
+
+def test_tokens_needed_tst_reads_rs_plus_1_minus_r():
+    # s=6, r=0.3: TST reads (r*s + 1 - r) = 2.5x the baseline's raw tokens for the same steps (plus window tails)
+    tst = speedup.tokens_needed(600, 0.3, 6, 16, 128)
+    base = speedup.tokens_needed(600, 0.0, 1, 16, 128)
+    assert base == 600 * 16 * 128 + 1
+    assert tst == (180 * 6 + 420) * 16 * 128 + 1
+    assert math.isclose(tst / base, 2.5, rel_tol=1e-4)
+
+
+@pytest.mark.parametrize("setting", ["cpu", "gpu"])
+def test_settings_match_recipes(setting):
+    yaml = pytest.importorskip("yaml")
+    from pipeline.config import Config, flatten_dict
+
+    rec = yaml.safe_load((REPO / speedup.SETTINGS[setting]["recipe"]).read_text())
+    from_recipe = Config.from_dict(rec).flatten()
+    from_dict = speedup.setting_config(setting).flatten()
+    for k in speedup.SETTINGS[setting]["config"]:
+        a, b = from_recipe[k], from_dict[k]
+        if k in ("data.source", "run.output_dir"):  # resolved against the repository in the dict form
+            a, b = os.path.basename(str(a)), os.path.basename(str(b))
+        assert a == b, f"{setting}: {k} recipe {a!r} vs SETTINGS {b!r}"
+    assert set(flatten_dict(rec)) <= set(speedup.SETTINGS[setting]["config"])
+    gpu = speedup.gpu_setting()
+    assert gpu.model.preset == "125M" and gpu.train.dtype == "bfloat16" and gpu.scaling.use_gpu
+
+
+def test_tiny_end_to_end_branches_equal_separate(tmp_path, capsys):
+    common = ["--setting", "tiny", "--steps", "20", "--baseline-lengths", "1,2", "--quiet"]
+    assert speedup.main(common + ["--out", str(tmp_path / "br")]) == 0
+    out = capsys.readouterr().out
+    assert "iso-loss speedup" in out and "equal-step loss difference" in out
+    rep = json.loads((tmp_path / "br" / "tiny" / "speedup.json").read_text())
+    assert rep["baseline_steps"] == [20, 40]
+    assert rep["branches"]["tiny-base-T20"]["step"] == 18
+    assert (tmp_path / "br" / "tiny" / "speedup.png").is_file()
+    res = rep["comparison"]
+    assert res["mode"] == "final_points" and res["equal_step"]["step"] == 20
+    assert res["speedup"]["steps"]["ratio"] is not None
+    # no run repeats data; TST reads 2.5x the same-length baseline's tokens
+    assert max(r["epochs"] for r in rep["runs"].values()) < 1.0
+    tst = rep["runs"]["tiny-tst-s6-r0.3-T20"]
+    assert math.isclose(tst["raw_tokens"] / rep["runs"]["tiny-base-T20"]["raw_tokens"], 2.5)
+    # equal FLOPs per step: the same cumulative FLOPs at the same step in every run
+    assert res["tst"]["flops"] == res["baselines"][0]["flops"]
+
+    assert speedup.main(common + ["--out", str(tmp_path / "sep"), "--baseline-mode", "separate"]) == 0
+    sep = json.loads((tmp_path / "sep" / "tiny" / "speedup.json").read_text())
+    for name in ("tiny-base-T20", "tiny-base-T40", "tiny-tst-s6-r0.3-T20"):
+        assert rep["runs"][name]["final_val_loss"] == sep["runs"][name]["final_val_loss"], name
+
+    # a cadence that misses the decay start: the branch resumes at step 15 and retrains 15..17 itself
+    rep5 = speedup.run_speedup("tiny", steps=20, lengths=[1, 2], out=str(tmp_path / "br5"), console=False,
+                               checkpoint_every=5)
+    assert rep5["branches"]["tiny-base-T20"] == {"from": "tiny-base-T40", "step": 15, "decay_start": 18}
+    assert rep5["runs"]["tiny-base-T20"]["final_val_loss"] == sep["runs"]["tiny-base-T20"]["final_val_loss"]
