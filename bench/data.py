@@ -1,6 +1,6 @@
 """Data-path throughput, side by side on the same cores in one run.
 
-    python bench/data.py [--mb 9] [--tokenizer gpt2] [--bag-size 6] [--seq-len 128] [--batch 16] [--actors 1]
+    python bench/data.py [--mb 30] [--tokenizer gpt2] [--bag-size 6] [--seq-len 128] [--batch 16] [--actors 1]
 
 Prints tokens/s of
   1. HF `tokenizers` `encode_batch` alone on the corpus text (and `encode_batch_fast`), already in memory;
@@ -119,7 +119,8 @@ def bench_trainer(vocab: int, batch: int, seq_len: int, steps: int = 4) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mb", type=float, default=9.0, help="MB of text (builtins; default 9)")
+    ap.add_argument("--mb", type=float, default=30.0, help="MB of text (the builtins, repeated past 9.9 MB; default 30)")
+    ap.add_argument("--source", default=None, help="a folder of JSONL shards (e.g. from `tst data build-corpus`) instead")
     ap.add_argument("--shards", type=int, default=8)
     ap.add_argument("--tokenizer", default="gpt2")
     ap.add_argument("--bag-size", type=int, default=6)
@@ -141,9 +142,16 @@ def main(argv=None) -> int:
     from pipeline.tokenizer import load_tokenizer
 
     with tempfile.TemporaryDirectory(prefix="tst-bench-data-") as tmp:
-        corpus = os.path.join(tmp, "corpus")
-        os.makedirs(corpus)
-        docs, nbytes = write_corpus(corpus, args.mb, args.shards)
+        if args.source:
+            corpus = os.path.abspath(args.source)
+            docs = [json.loads(line)["text"] for f in sorted(os.listdir(corpus)) if f.endswith(".jsonl")
+                    for line in open(os.path.join(corpus, f), encoding="utf-8")]
+            nbytes = sum(len(t.encode()) for t in docs)
+            args.shards = len([f for f in os.listdir(corpus) if f.endswith(".jsonl")])
+        else:
+            corpus = os.path.join(tmp, "corpus")
+            os.makedirs(corpus)
+            docs, nbytes = write_corpus(corpus, args.mb, args.shards)
         actor_cpus = args.actor_cpus or max(1.0, cores / args.actors)
         base = {"data.source": corpus, "data.tokenizer": args.tokenizer, "data.val_fraction": 0.0,
                 "data.bag_size": args.bag_size, "data.seq_len": args.seq_len, "train.global_batch_size": args.batch,
@@ -160,7 +168,7 @@ def main(argv=None) -> int:
         steps = n_tokens // (args.batch * args.bag_size * args.seq_len) - 1
         cfg = apply_overrides(cfg, {"train.steps": steps})
 
-        ray.init(num_cpus=args.ray_cpus or cores + 2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=args.ray_cpus or cores + 2, include_dashboard=False, log_to_driver=False, configure_logging=False)
         DataContext.get_current().enable_progress_bars = False
         rp = bench_ray(cfg, os.path.join(tmp, "out"))
         ray.shutdown()

@@ -123,8 +123,8 @@ def _looks_like_text(data: bytes) -> bool:
     return printable / len(sample) > 0.9
 
 
-def _debian_documents(spec: str, workdir: str) -> Iterator[str]:
-    """Text files of one Debian package (apt-get download + dpkg-deb -x), one document per file."""
+def _debian_documents(spec: str, workdir: str) -> Iterator[tuple[str, str]]:
+    """(package, text) of each text file of one Debian package (apt-get download + dpkg-deb -x)."""
     debs, err = [], ""
     for pkg in spec.split("|"):
         d = os.path.join(workdir, pkg)
@@ -165,7 +165,7 @@ def _debian_documents(spec: str, workdir: str) -> Iterator[str]:
             text = _TAG.sub(" ", text)
         text = text.strip()
         if len(text) > 200:
-            yield text
+            yield pkg, text
     shutil.rmtree(d, ignore_errors=True)
 
 
@@ -193,8 +193,8 @@ def build_corpus(out_dir: str, target_mb: float = 100.0, shard_mb: float = 32.0,
             raise DataError("build-corpus needs apt-get and dpkg-deb (Debian/Ubuntu) for more than the builtins; pass --no-debian")
         with tempfile.TemporaryDirectory(prefix="tst-corpus-") as work:
             for pkg in packages:
-                for t in _debian_documents(pkg, work):
-                    docs.append((t, f"debian:{pkg}"))
+                for name, t in _debian_documents(pkg, work):
+                    docs.append((t, f"debian:{name}"))
                     total += len(t.encode("utf-8"))
                     if total >= limit:
                         break

@@ -64,7 +64,8 @@ from pipeline.errors import DataError
 
 log = logging.getLogger("tst.data")
 
-PREFLIGHT_FULL_COUNT_CHARS = 1_000_000  # ray mode: the driver counts a corpus this small completely
+PREFLIGHT_FULL_COUNT_CHARS = 1_000_000
+STREAM_BLOCK_BYTES = 1 << 20  # Ray Data block size target of the read/tokenize stages  # ray mode: the driver counts a corpus this small completely
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                  "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "GOOGLE_APPLICATION_CREDENTIALS")
 SKIP_REASONS = ("empty", "malformed_json", "missing_field", "unreadable_file")
@@ -871,6 +872,9 @@ def build_ray_dataset(data_cfg, entries: list, tok_path: str, eos_token: Optiona
     ctx = DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
+    # Small blocks keep the stream fine-grained: with the default 128 MiB target, all the batches a read task
+    # yields are coalesced into one block per file, and the first window waits for a whole file to be tokenized.
+    ctx.target_max_block_size = STREAM_BLOCK_BYTES
     items = [{"file_idx": i, "uri": e.uri, "fmt": e.fmt, "size": e.size, "mtime": e.mtime} for i, e in enumerate(entries)
              if stop is None or i <= stop[0]]
     res = dict(data_cfg.actor_resources or {})
@@ -982,19 +986,26 @@ class _Dealer:
                     continue
             return False
 
+        need = self.plan.tokens_needed()
+
         def run():
             e = epoch
             try:
                 while not stop.is_set():
                     ds = build_ray_dataset(self.cfg, self.entries, self.tok_path, self.eos_token, self.stop)
+                    n = 0
                     for tbl in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4):
                         if self.first_batch_s is None:
                             self.first_batch_s = time.time() - self.created
+                        n += sum(len(c.flatten()) for c in tbl.column("ids").chunks)
                         if not put(("batch", e, tbl)):
                             return
                     if not put(("end", e, None)):
                         return
                     e += 1
+                    if n and e * n >= need:  # the run ends within the epochs streamed so far
+                        put(("done", e, None))
+                        return
             except BaseException as ex:  # noqa: BLE001 - handed to the consumer
                 put(("error", e, ex))
 
@@ -1046,6 +1057,10 @@ class _Dealer:
             if kind == "batch":
                 self._consume(item)
                 return
+            if kind == "done":
+                self._producer = None
+                raise DataError(f"the token stream ended at offset {self.buf.end}, before the run's last window; "
+                                f"was data.source modified during the run?")
             # end of an epoch
             if self._epoch_tokens == 0:
                 raise DataError("the corpus produced no training tokens in a pass; check data.source")
