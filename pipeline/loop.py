@@ -108,6 +108,13 @@ def make_batch(windows: torch.Tensor, bag_size: int, seq_len: int, doc_ids: Opti
     return inputs, targets
 
 
+def _split_doc_ids(batch):
+    """Sources return windows, or (windows, doc_ids) when the document-boundary policy is "mask"."""
+    if isinstance(batch, (tuple, list)):
+        return batch[0], batch[1]
+    return batch, None
+
+
 class Trainer:
     """State of one rank's run: model, optimizer, data source, schedule. `run()` trains to the end."""
 
@@ -210,18 +217,27 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Next-token loss on held-out windows (the model is always an ordinary LM, in both phases)."""
-        val = self.source.val_windows()  # (N, L + 1)
+        val, val_docs = _split_doc_ids(self.source.val_windows())  # (N, L + 1)
         n = (val.shape[0] // self.world_size) * self.world_size
         if n == 0:
             return float("nan")
         per = n // self.world_size
         mine = val[self.rank * per:(self.rank + 1) * per].to(self.device)
+        mine_docs = None if val_docs is None else val_docs[self.rank * per:(self.rank + 1) * per].to(self.device)
         L = self.cfg.data.seq_len
-        count = torch.tensor([float(n * L)], device=self.device)  # every target valid: global count
+        if val_docs is None:
+            count = torch.tensor([float(n * L)], device=self.device)  # every target valid: global count
+        else:  # mask mode: targets across a document boundary are ignored
+            count = torch.zeros(1, device=self.device)
+            for i in range(0, per, self.micro):
+                _, t = make_batch(mine[i:i + self.micro], 1, L, mine_docs[i:i + self.micro])
+                count += (t != -100).sum()
+            _all_reduce(count)
         total = torch.zeros((), device=self.device, dtype=torch.float32)
         self.model.eval()
         for i in range(0, per, self.micro):
-            inputs, targets = make_batch(mine[i:i + self.micro], 1, L)
+            inputs, targets = make_batch(mine[i:i + self.micro], 1, L,
+                                         None if mine_docs is None else mine_docs[i:i + self.micro])
             with self._autocast():
                 total += self.model(inputs, targets, slot_counts=count).float()
         self.model.train()
@@ -233,10 +249,14 @@ class Trainer:
         return contextlib.nullcontext()
 
     # -- one optimizer step -------------------------------------------------------------------------------------
-    def train_step(self, step: int, windows: torch.Tensor) -> tuple[float, float]:
-        """Forward/backward over this rank's micro-batches, then one AdamW step. Returns (loss, grad norm)."""
+    def train_step(self, step: int, windows) -> tuple[float, float]:
+        """Forward/backward over this rank's micro-batches, then one AdamW step. Returns (loss, grad norm).
+
+        `windows` is (b, s*L + s) token ids, or `(windows, doc_ids)` with data.doc_boundary = "mask"."""
         s, L = self.bag_size_at(step), self.cfg.data.seq_len
-        inputs, targets = make_batch(windows.to(self.device, non_blocking=True), s, L)  # (b, L[, s]), (b, L, s)
+        windows, doc_ids = _split_doc_ids(windows)
+        inputs, targets = make_batch(windows.to(self.device, non_blocking=True), s, L,
+                                     None if doc_ids is None else doc_ids.to(self.device))  # (b, L[, s]), (b, L, s)
         slot_counts = (targets != -100).sum(dim=(0, 1)).to(torch.float32)  # (s,) valid targets per slot
         _all_reduce(slot_counts)  # global batch counts (design notes)
         weights = self.cfg.train.loss_weights

@@ -194,7 +194,8 @@ def ensure_ray(cfg) -> None:
         ray.init(log_to_driver=True)
     else:
         # The dashboard also serves the state API that Ray Train's placement-group cleaner polls.
-        ray.init(num_cpus=cfg.scaling.ray_num_cpus or max(4, os.cpu_count() or 1), include_dashboard=True)
+        ray.init(address="local", num_cpus=cfg.scaling.ray_num_cpus or max(4, os.cpu_count() or 1),
+                 include_dashboard=True)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

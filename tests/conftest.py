@@ -19,7 +19,7 @@ def ray_session():
     """A local Ray shared by every test that needs one (4 logical CPUs on any machine)."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
