@@ -118,6 +118,7 @@ class ScalingConfig:
     cpus_per_worker: float = 0.5  # fractional on purpose: see the 2-core trap in the README
     gpus_per_worker: float = 1.0
     worker_resources: dict = field(default_factory=dict)  # e.g. {"train_node": 0.001} to target node types
+    elastic_resize_interval_s: float = 60.0  # elastic runs: seconds between checks for capacity to grow back
     max_failures: int = 3
     ray_num_cpus: Optional[int] = None  # logical CPUs for a local ray.init(); None: max(4, real cores)
 
@@ -332,6 +333,11 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(
                     f"elastic training between {s.min_workers} and {s.num_workers} workers needs "
                     f"train.global_batch_size divisible by every worker count; {t.global_batch_size} % {w} != 0"
+                )
+            if t.micro_batch_size and (t.global_batch_size // w) % t.micro_batch_size:
+                raise ConfigError(
+                    f"train.micro_batch_size={t.micro_batch_size} must divide the per-worker batch at every "
+                    f"elastic worker count; with {w} workers it is {t.global_batch_size // w}"
                 )
     per_rank = t.global_batch_size // world
     if t.micro_batch_size is not None and (t.micro_batch_size < 1 or per_rank % t.micro_batch_size):

@@ -90,10 +90,16 @@ def train_worker(config: dict) -> None:
     else:
         device = torch.device("cpu")
     tok_path = None
-    if config.get("tokenizer_json"):
-        tok_path = os.path.join(tempfile.mkdtemp(prefix="tst-tok-"), "tokenizer.json")
-        with open(tok_path, "w") as f:
-            f.write(config["tokenizer_json"])
+    if config.get("tokenizer_json"):  # one file per tokenizer content, reused by restarts and later runs
+        import hashlib
+
+        digest = hashlib.sha256(config["tokenizer_json"].encode()).hexdigest()[:16]
+        tok_path = os.path.join(tempfile.gettempdir(), f"tst-tokenizer-{digest}.json")
+        if not os.path.exists(tok_path):
+            tmp = f"{tok_path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                f.write(config["tokenizer_json"])
+            os.replace(tmp, tok_path)
     train(cfg, config["source"], RayReporter(), vocab_size=config["vocab_size"], device=device,
           tokenizer_path=tok_path)
 
@@ -158,7 +164,9 @@ def build_trainer(cfg, *, source, vocab_size: int, tokenizer_json: Optional[str]
     if sc.use_gpu:
         resources["GPU"] = sc.gpus_per_worker
     num_workers = (sc.min_workers, sc.num_workers) if sc.min_workers else sc.num_workers
-    scaling = ray.train.ScalingConfig(num_workers=num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources)
+    # elastic_resize_monitor_interval_s: how often a healthy elastic run checks whether it can grow back
+    scaling = ray.train.ScalingConfig(num_workers=num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources,
+                                      elastic_resize_monitor_interval_s=sc.elastic_resize_interval_s)
     run_config = ray.train.RunConfig(
         name=run_name,
         storage_path=storage_path,

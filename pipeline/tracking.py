@@ -33,6 +33,15 @@ def resolve_tracking_uri(tracking_uri: Optional[str], output_dir: str) -> str:
     return uri
 
 
+def default_artifact_location(uri: str) -> Optional[str]:
+    """Artifacts of a local SQLite store live beside the database (not in the driver's cwd, which under
+    `ray job submit` is a temporary copy); a tracking server decides for itself."""
+    if uri.startswith("sqlite:///"):
+        db = uri[len("sqlite:///"):]
+        return "file://" + os.path.join(os.path.dirname(os.path.abspath(db)), "mlartifacts")
+    return None
+
+
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast, with the fix, when an http(s) tracking server does not answer."""
     if not uri.startswith(("http://", "https://")):
@@ -95,7 +104,8 @@ class MlflowTracker:
         self._warned = False
         if run_id is None:
             exp = self.client.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+            exp_id = exp.experiment_id if exp else self.client.create_experiment(
+                experiment, artifact_location=default_artifact_location(uri))
             tags = {"mlflow.runName": run_name, "tst.run_name": run_name}
             if parent_run_id:
                 tags["mlflow.parentRunId"] = parent_run_id

@@ -113,18 +113,6 @@ def main():
     DataContext.get_current().enable_progress_bars = False
     out = {"cluster_up_s": time.time() - t_start, "marks": {}}
 
-    # Ray Train's elastic policy re-checks the cluster every elastic_resize_monitor_interval_s (60 s by default)
-    # while the group is healthy; a short interval keeps this test short. Test-only: build_trainer is unchanged.
-    interval = plan.get("resize_interval_s")
-    if interval is not None:
-        orig = ray.train.ScalingConfig
-
-        def scaling_config(*a, **kw):
-            kw.setdefault("elastic_resize_monitor_interval_s", float(interval))
-            return orig(*a, **kw)
-
-        ray.train.ScalingConfig = scaling_config
-
     orig_prepare = runner.prepare_data
 
     def prepare_data(cfg, output_dir, mode):
@@ -133,7 +121,11 @@ def main():
 
     runner.prepare_data = prepare_data
 
-    cfg = apply_overrides(Config(), plan["overrides"])
+    # Ray Train's elastic policy re-checks the cluster every scaling.elastic_resize_interval_s (60 s by default)
+    # while the group is healthy; a short interval keeps this test short.
+    interval = plan.get("resize_interval_s")
+    extra = [f"scaling.elastic_resize_interval_s={interval}"] if interval is not None else []
+    cfg = apply_overrides(Config(), plan["overrides"] + extra)
 
     def train():
         try:
