@@ -145,7 +145,9 @@ def summarize(rows: list[dict], base: Config, varying: list[str], mode: str = "g
     others = _others(varying)
     finished = [r for r in rows if r["status"] == "finished" and _finite(r["final_val_loss"])]
     baselines = [r for r in finished if r["baseline"]]
-    best = min(finished, key=lambda r: r["final_val_loss"]) if finished else None
+    tst = [r for r in finished if not r["baseline"]]
+    # "best": the best TST setting (what a user is searching for), even when the baseline beats it
+    best = min(tst or finished, key=lambda r: r["final_val_loss"]) if finished else None
     ref = None
     if best is not None and baselines:
         same = [b for b in baselines if all(b.get(k) == best.get(k) for k in others if k != W_KEY)]
@@ -236,12 +238,12 @@ def render(summary: dict, rows: list[dict], base: Config, name: str, mode: str, 
     elif ref is None:
         out.append(f"best: {_setting(best, varying)}: {best['final_val_loss']:.4f} (no finished baseline to compare)")
     elif best is ref:
-        out.append(f"best: {_setting(best, varying)}: {best['final_val_loss']:.4f}: no TST setting beat the "
-                   f"baseline at this scale (equal-FLOPs gain 0 nats)")
+        out.append(f"best: {_setting(best, varying)}: {best['final_val_loss']:.4f} (no TST trial finished)")
     else:
+        verdict = ("TST lower" if gain > 0 else
+                   "baseline lower: no TST setting beat the baseline in this search" if gain < 0 else "tie")
         out.append(f"best: {_setting(best, varying)}: {best['final_val_loss']:.4f} vs baseline "
-                   f"{ref['final_val_loss']:.4f}: equal-FLOPs gain {gain:+.4f} nats "
-                   f"({'TST lower' if gain > 0 else 'baseline lower'})")
+                   f"{ref['final_val_loss']:.4f}: equal-FLOPs gain {gain:+.4f} nats ({verdict})")
     out.append(f"trials: {summary['finished']} finished, {summary['stopped']} stopped early, {summary['errors']} "
                f"failed, {summary['pending']} not finished{' (search interrupted)' if interrupted else ''}")
     return "\n".join(out)
