@@ -673,7 +673,7 @@ def run_search(spec: SearchSpec, *, cli_overrides: Optional[list] = None, consol
     if can_restore and os.path.exists(state_file):
         with open(state_file) as f:
             saved = json.load(f)
-        if saved.get("fingerprint") != json.loads(json.dumps(fingerprint)):
+        if not _same_search(saved.get("fingerprint") or {}, json.loads(json.dumps(fingerprint))):
             raise ConfigError(
                 f"a search named '{name}' with a different space or base config exists at {exp_dir}; pass another "
                 f"--name to start a new one, or `tst tune --resume {name}` to finish that one as it was")
@@ -792,6 +792,15 @@ def _refuse_reused_name(base: Config, name: str, mlflow: bool = True) -> None:
     if where:
         raise ConfigError(f"the search name '{name}' was used before ({where}) but there is no search to restore "
                           f"at {search_dir(base.run.output_dir, name)}; pass another --name")
+
+
+def _same_search(saved: dict, now: dict) -> bool:
+    """The same spec, points and base config. A config key added to the code since the search started (absent
+    from the saved config) is not a difference: the saved trials' configs get its default when they load."""
+    if saved.get("spec") != now.get("spec") or saved.get("points") != now.get("points"):
+        return False
+    old, new = saved.get("base", {}), now.get("base", {})
+    return all(k in new and new[k] == v for k, v in old.items())
 
 
 def _fingerprint_cfg(cfg: Config) -> dict:
