@@ -81,7 +81,6 @@ def load_model_state(path: str) -> tuple[dict[str, torch.Tensor], dict]:
 
     Used by export and generate; works for checkpoints written by any number of FSDP ranks.
     """
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save  # noqa: F401  (API presence)
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     if not is_complete(path):

@@ -24,7 +24,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Protocol
+from typing import Iterator, Optional, Protocol
 
 import torch
 import torch.distributed as dist

@@ -104,8 +104,10 @@ class MetricsSink:
     the controller's stdout is streamed to the driver and to `ray job logs`).
     """
 
-    def __init__(self, run_dir: str, total_steps: int, tracker=None, console: bool = True, stream=None):
+    def __init__(self, run_dir: str, total_steps: int, tracker=None, console: bool = True, stream=None,
+                 listeners: Optional[list] = None):
         self.total_steps = total_steps
+        self.listeners = list(listeners or [])  # callables given each record after it is written (e.g. Tune)
         self.jsonl = JsonlWriter(os.path.join(run_dir, "metrics.jsonl"))
         self.tracker = tracker
         self.console = console
@@ -124,6 +126,8 @@ class MetricsSink:
             self.tracker.log_metrics(metrics, step=int(metrics["step"]))
         if self.console and metrics.get("kind") != "final":
             print(format_progress(metrics, self.total_steps), file=self.stream, flush=True)
+        for listener in self.listeners:
+            listener(metrics)
 
     def message(self, text: str) -> None:
         if self.console:

@@ -51,8 +51,12 @@ def prepare_data(cfg: Config, output_dir: str, mode: str):
 
 
 def run_training(cfg: Config, *, use_ray: bool = True, name: Optional[str] = None, console: bool = True,
-                 extra_callbacks: Optional[list] = None, data_mode: Optional[str] = None) -> dict:
-    """Train (or resume) one run. Returns the summary dict (also written to summary.json)."""
+                 extra_callbacks: Optional[list] = None, data_mode: Optional[str] = None,
+                 on_metrics=None) -> dict:
+    """Train (or resume) one run. Returns the summary dict (also written to summary.json).
+
+    `extra_callbacks`: Ray Train `UserCallback`s (Ray mode). `on_metrics(record)`: called with every record the
+    Ray-free loop logs (e.g. a Tune trial forwarding `val_loss` to `ray.tune.report`)."""
     validate(cfg)
     paths = run_paths(cfg, name)
     os.makedirs(paths.run_dir, exist_ok=True)
@@ -92,7 +96,7 @@ def run_training(cfg: Config, *, use_ray: bool = True, name: Optional[str] = Non
         if use_ray:
             summary = _fit_ray(cfg, paths, source, tok, tracker, console, extra_callbacks)
         else:
-            summary = _fit_local(cfg, paths, source, tok, tracker, console)
+            summary = _fit_local(cfg, paths, source, tok, tracker, console, on_metrics)
         status = "FINISHED" if summary.get("status") == "finished" else "FAILED"
     finally:
         if tracker is not None:
@@ -112,13 +116,14 @@ def run_training(cfg: Config, *, use_ray: bool = True, name: Optional[str] = Non
     return summary
 
 
-def _fit_local(cfg, paths, source, tok, tracker, console) -> dict:
+def _fit_local(cfg, paths, source, tok, tracker, console, on_metrics=None) -> dict:
     from pipeline.loop import LocalReporter, train
     from pipeline.metrics import MetricsSink
 
     import torch
 
-    sink = MetricsSink(paths.run_dir, cfg.train.steps, tracker=tracker, console=console)
+    sink = MetricsSink(paths.run_dir, cfg.train.steps, tracker=tracker, console=console,
+                       listeners=[on_metrics] if on_metrics else None)
     reporter = LocalReporter(paths.run_dir, sink, keep=cfg.train.keep_checkpoints, resume=cfg.run.resume)
     device = torch.device("cuda") if cfg.scaling.use_gpu and torch.cuda.is_available() else torch.device("cpu")
     return train(cfg, source, reporter, vocab_size=tok.vocab_size, device=device, tokenizer_path=tok.path)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 from pipeline.config import Config, ConfigError, describe_keys, load_config
 

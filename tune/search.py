@@ -46,7 +46,7 @@ Decisions
   placement group or process group). Measured on the 2-core dev box under load, 4 tiny trials two at a time:
   one-process trials took 8-10 s each and the search 83 s; TorchTrainer trials 52-65 s each and the search
   170 s, with identical final losses (same seeds, same loop). Multi-worker trials use the TorchTrainer. In the
-  local backend the loop's metrics reach Tune through a reporter hook (`_report_to_tune`).
+  local backend the loop's metrics reach Tune through `run_training(on_metrics=...)` (`_tune_reporter`).
 - Resources: trials run concurrently up to what the CPUs (and GPUs) allow: on a local machine the budget is
   the real cores (not Ray's logical CPUs), on a cluster the cluster's CPUs. A trial costs its training CPUs
   plus its data share: in `data_mode: memory` (default) the corpus is tokenized once on the driver before
@@ -68,7 +68,6 @@ Decisions
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
@@ -379,8 +378,8 @@ def tst_trial(config: dict) -> None:
         _reopen_child(cfg, name)
     try:
         if meta["backend"] == "local":
-            with _report_to_tune(T):
-                summary = run_training(cfg, use_ray=False, name=name, console=meta.get("console", False))
+            summary = run_training(cfg, use_ray=False, name=name, console=meta.get("console", False),
+                                   on_metrics=_tune_reporter(T))
         else:
             summary = run_training(cfg, use_ray=True, name=name, console=meta.get("console", False),
                                    extra_callbacks=[ValLossToTune(T)], data_mode=meta.get("data_mode", "memory"))
@@ -417,27 +416,16 @@ def _forward(m: Optional[dict], total_steps: int) -> bool:
     return bool(m) and m.get(METRIC) is not None and m.get("kind") != "final" and 0 < int(m.get("step", 0)) < total_steps
 
 
-@contextlib.contextmanager
-def _report_to_tune(total_steps: int):
-    """The local backend's reporter hook: while the one-process loop runs in this trial process, every record
-    its MetricsSink logs (after JSONL and MLflow) that carries `val_loss` is also sent to `ray.tune.report`.
-    Scoped to this trial's process and undone on exit (Tune runs each trial in its own actor, reuse_actors off)."""
+def _tune_reporter(total_steps: int):
+    """The local backend's hook (`run_training(on_metrics=...)`): every record the one-process loop logs (after
+    JSONL and MLflow) that carries `val_loss` is also sent to `ray.tune.report`."""
     import ray.tune
 
-    from pipeline import metrics as pm
-
-    original = pm.MetricsSink.log
-
-    def log(self, metrics: dict) -> None:
-        original(self, metrics)
+    def report(metrics: dict) -> None:
         if _forward(metrics, total_steps):
             ray.tune.report(_tune_metrics(metrics))
 
-    pm.MetricsSink.log = log
-    try:
-        yield
-    finally:
-        pm.MetricsSink.log = original
+    return report
 
 
 class ValLossToTune(TuneReportCallback):
