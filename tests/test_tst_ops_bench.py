@@ -26,4 +26,4 @@ def test_bench_paths_agree_and_report_numbers():
     rows = [dict(s=3, path=p, time_s=t, peak_bytes=m) for p, t, m in
             [("reference", 2.0, 400), ("reference_compiled", 1.0, 200), ("fused", 1.1, 50)]]
     lines = ops.summarize(rows)
-    assert "time x0.550  peak memory x0.125" in lines[0] and "x1.100" in lines[2]
+    assert "time x0.550 (min x0.550)  peak memory x0.125" in lines[0] and "x1.100" in lines[2]
