@@ -938,6 +938,7 @@ class _Dealer:
         from pipeline.config import DataConfig
 
         logging.basicConfig(level=logging.INFO)
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-execution plan banners drown the progress
         self.cfg = DataConfig(**data_cfg_dict)
         self.entries = [FileEntry(**e) for e in entries]
         self.tok_path, self.eos_token, self.plan, self.stop = tok_path, eos_token, plan, stop

@@ -183,7 +183,8 @@ def print_summary(summary: dict) -> None:
     v = summary.get("final_val_loss")
     print(
         f"[tst] done: {summary.get('run_name')} | steps {summary.get('step')} | final val loss "
-        f"{v:.4f} | raw tokens {summary.get('raw_tokens', 0):,} ({summary.get('epochs', 0):.2f} epochs) | "
+        f"{v:.4f} | raw tokens {summary.get('raw_tokens', 0):,}"
+        f"{' (%.2f passes over the corpus)' % summary['epochs'] if summary.get('epochs') else ''} | "
         f"{summary.get('wall_s', 0):.0f}s" if isinstance(v, (int, float)) else f"[tst] done: {summary}",
         flush=True)
     if summary.get("mlflow_run_id"):

@@ -91,10 +91,20 @@ def _resume_config(args) -> tuple[Config, str]:
     return cfg, os.path.basename(os.path.normpath(folder))
 
 
+def _corpus_tokens(cfg: Config) -> int:
+    """Training tokens in the corpus (tokenized once in-process and cached), to say how many passes a run made."""
+    from pipeline.data import tokenize_corpus
+    from pipeline.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(cfg.data, cfg.run.output_dir)
+    return len(tokenize_corpus(cfg.data, tok, cfg.run.output_dir)["train"])
+
+
 def cmd_demo(args) -> int:
     from pipeline.runner import run_training
 
     base = _load(args)
+    corpus_tokens = _corpus_tokens(base)
     runs = {}
     for label, s, r in (("baseline", 1, 0.0), ("tst", args.bag_size, args.switch_fraction)):
         cfg = base.copy()
@@ -103,11 +113,12 @@ def cmd_demo(args) -> int:
         print(f"\n=== demo: {label} (s={s}, r={r}) ===", flush=True)
         runs[label] = run_training(cfg, use_ray=not args.no_ray and cfg.scaling.num_workers > 0)
     print("\n=== demo result (equal FLOPs per step: same model, steps and latent positions per step) ===")
-    print(f"{'run':<10} {'s':>3} {'r':>5} {'final val loss':>15} {'raw tokens':>12} {'epochs':>7} {'wall':>7}")
+    print(f"corpus: {base.data.source}, {corpus_tokens:,} training tokens")
+    print(f"{'run':<10} {'s':>3} {'r':>5} {'final val loss':>15} {'raw tokens':>12} {'passes':>7} {'wall':>7}")
     for label, s, r in (("baseline", 1, 0.0), ("tst", args.bag_size, args.switch_fraction)):
         m = runs[label]
         print(f"{label:<10} {s:>3} {r:>5} {m['final_val_loss']:>15.4f} {m['raw_tokens']:>12,} "
-              f"{m['epochs']:>7.2f} {m['wall_s']:>6.0f}s")
+              f"{m['raw_tokens'] / corpus_tokens:>7.2f} {m['wall_s']:>6.0f}s")
     diff = runs["baseline"]["final_val_loss"] - runs["tst"]["final_val_loss"]
     verdict = "TST lower" if diff > 0 else "baseline lower"
     print(f"equal-step difference (baseline - TST): {diff:+.4f} nats ({verdict}). At this tiny scale the paper "
