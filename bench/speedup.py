@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """The claim, measured: iso-loss speedup of TST over WSD baselines at equal FLOPs per step, in one command.
 
-    tst data build-corpus --out outputs/speedup/corpus      # once: ~24 MB of text (builtins + Debian doc packages)
+    tst data build-corpus --out outputs/speedup/corpus      # once: 100 MB of text (builtins + Debian doc packages)
+    python bench/speedup.py --chunk-corpus outputs/speedup/corpus --chunk-mb 30   # once: shuffled <=2,000-char pieces
     python bench/speedup.py --setting cpu                   # ~30 min on 2 CPU cores (recipes/speedup_cpu.yaml)
     python bench/speedup.py --setting gpu                   # one H200, a few minutes (recipes/speedup_gpu.yaml)
     python bench/speedup.py --setting tiny                  # smoke test, ~1 minute on 2 cores
@@ -30,7 +31,9 @@ costs the same FLOPs; only T, and s/r for TST, differ):
   wall-clock, FLOPs) a fully-decayed baseline needs to reach it; the equal-step difference is the same-length
   (k = 1) baseline's final loss minus TST's (positive = TST better).
 
-Data: a corpus large enough that no run repeats a token. TST reads (r*s + 1 - r) times the baseline's raw tokens
+Data: a corpus large enough that no run repeats a token, cut into shuffled pieces of at most 2,000 characters
+(`--chunk-corpus`, see `chunk_corpus`): the stream is contiguous, so without it a single 1.6M-character document
+fills hundreds of consecutive batches and the comparison measures which document each run is in. TST reads (r*s + 1 - r) times the baseline's raw tokens
 for the same steps (2.5x at s = 6, r = 0.3). The script computes every run's token need before training and
 stops (unless --allow-repeat) if any run would read more than one epoch; each run's `epochs` is recorded.
 
@@ -77,7 +80,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "recipe": "recipes/speedup_cpu.yaml",
         "config": {
             "model.preset": "tiny",
-            "data.source": "outputs/speedup/corpus",
+            "data.source": "outputs/speedup/corpus_chunks",
             "data.tokenizer": "bpe:4096",
             "data.seq_len": 128,
             "data.bag_size": 1,
@@ -122,7 +125,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
             "train.dtype": "bfloat16",
             "train.compile": False,
             "train.log_every": 20,
-            "train.eval_every": 30,
+            "train.eval_every": 60,
             "train.checkpoint_every": 100000,
             "train.keep_checkpoints": 12,
             "scaling.num_workers": 0,
@@ -299,6 +302,68 @@ def corpus_info(cfg) -> dict:
             "val_documents": st.get("val_documents"), "packed": False}
 
 
+def chunk_corpus(src: str, dst: str, max_chars: int = 2000, max_mb: Optional[float] = None, seed: int = 0) -> dict:
+    """Split every document of a JSON Lines corpus folder into pieces of at most `max_chars` characters (at line
+    breaks where possible), shuffle the pieces with a fixed seed and write them (up to `max_mb` MB) as JSONL shards.
+
+    Why: the stream is contiguous and a step's windows are consecutive (docs/interfaces.md), so a document of
+    1.6M characters (the kernel's "ABI testing symbols" page) fills ~250 consecutive steps of a 16 x 128 batch on
+    its own: batches stop being mixtures, the training loss collapses on that one document and the held-out loss
+    jumps (seen at 9.2 nats in a first attempt). Shuffled pieces make every step's batch a mixture again.
+    """
+    import glob
+    import random
+
+    files = sorted(glob.glob(os.path.join(src, "*.jsonl")))
+    if not files:
+        raise SystemExit(f"--chunk-corpus: no *.jsonl in {src} (build it with `tst data build-corpus --out {src}`)")
+    pieces: list[tuple[str, str]] = []
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                d = json.loads(line)
+                text, source = d.get("text") or "", d.get("source", "")
+                cur = ""
+                for ln in text.splitlines(keepends=True):
+                    while len(ln) > max_chars:  # a single over-long line: hard split
+                        if cur:
+                            pieces.append((cur, source))
+                            cur = ""
+                        pieces.append((ln[:max_chars], source))
+                        ln = ln[max_chars:]
+                    if len(cur) + len(ln) > max_chars and cur:
+                        pieces.append((cur, source))
+                        cur = ""
+                    cur += ln
+                if cur.strip():
+                    pieces.append((cur, source))
+    random.Random(seed).shuffle(pieces)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.makedirs(dst)
+    budget = int(max_mb * 1e6) if max_mb else None
+    written, n, shard, f = 0, 0, 0, None
+    for text, source in pieces:
+        if budget is not None and written >= budget:
+            break
+        if f is None or f.tell() > 32e6:
+            if f:
+                f.close()
+            f = open(os.path.join(dst, f"corpus-{shard:05d}.jsonl"), "w", encoding="utf-8")
+            shard += 1
+        f.write(json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n")
+        written += len(text.encode("utf-8"))
+        n += 1
+    if f:
+        f.close()
+    info = {"src": src, "dst": dst, "max_chars": max_chars, "seed": seed, "pieces_total": len(pieces),
+            "pieces_written": n, "mb": round(written / 1e6, 1), "shards": shard}
+    with open(dst.rstrip("/") + ".json", "w") as g:  # beside the folder: every file inside it is read as data
+        json.dump(info, g, indent=1)
+    return info
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Training one run
 # ---------------------------------------------------------------------------------------------------------------
@@ -364,6 +429,14 @@ def train_one(cfg, name: str, console: bool) -> dict:
     summary = dict(summary)
     summary["compute_s"] = time.perf_counter() - t0  # this process's time, start-up and data loading included
     summary["loadavg_start"], summary["loadavg_end"] = list(load0), list(os.getloadavg())
+    summary["threads"] = cfg.train.threads
+    p = os.path.join(summary.get("run_dir") or os.path.join(cfg.run.output_dir, "runs", name), "summary.json")
+    if os.path.isfile(p):  # keep the load and process time with the run (read back by --reuse)
+        with open(p) as f:
+            on_disk = json.load(f)
+        on_disk.update({k: summary[k] for k in ("compute_s", "loadavg_start", "loadavg_end", "threads")})
+        with open(p, "w") as f:
+            json.dump(on_disk, f, indent=1, default=str)
     if summary.get("status") not in (None, "finished"):
         raise SystemExit(f"run {name} did not finish: {summary.get('status')} {summary.get('message', '')}")
     return summary
@@ -379,7 +452,13 @@ def make_branch(out: str, long_name: str, name: str, branch_step: int) -> None:
                          "was it pruned? raise train.keep_checkpoints")
     shutil.rmtree(dst, ignore_errors=True)
     os.makedirs(os.path.join(dst, "checkpoints"))
-    shutil.copytree(ck, os.path.join(dst, "checkpoints", os.path.basename(ck)))
+    def link_or_copy(a, b):  # checkpoint files are never rewritten after publishing: hard links are safe
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    shutil.copytree(ck, os.path.join(dst, "checkpoints", os.path.basename(ck)), copy_function=link_or_copy)
     with open(os.path.join(src, "metrics.jsonl")) as f, open(os.path.join(dst, "metrics.jsonl"), "w") as g:
         for line in f:
             if not line.strip():
@@ -435,7 +514,7 @@ def run_speedup(setting: str = "cpu", *, bag_size: int = 6, switch_fraction: flo
                 steps: Optional[int] = None, lengths=DEFAULT_LENGTHS, mode: str = "branches",
                 out: Optional[str] = None, overrides: Optional[list[str]] = None, console: bool = True,
                 allow_repeat: bool = False, reuse: bool = False, command: Optional[str] = None,
-                checkpoint_every: Optional[int] = None) -> dict:
+                checkpoint_every: Optional[int] = None, compare_only: bool = False) -> dict:
     cfg = setting_config(setting, overrides)
     if out:
         cfg.run.output_dir = out
@@ -484,7 +563,7 @@ def run_speedup(setting: str = "cpu", *, bag_size: int = 6, switch_fraction: flo
 
     def done_before(name: str, n_steps: int) -> Optional[dict]:
         p = os.path.join(out, "runs", name, "summary.json")
-        if reuse and os.path.isfile(p):
+        if (reuse or compare_only) and os.path.isfile(p):
             with open(p) as f:
                 s = json.load(f)
             if s.get("status") == "finished" and s.get("step") == n_steps:
@@ -497,6 +576,8 @@ def run_speedup(setting: str = "cpu", *, bag_size: int = 6, switch_fraction: flo
     t_all = time.perf_counter()
     tst = plan["tst"]
     prev = done_before(tst["name"], steps)
+    if prev is None and compare_only:
+        raise SystemExit(f"--compare-only: the TST run {tst['name']} has not finished")
     if prev is None:
         fresh(tst["name"])
         say(f"[speedup] TST run {tst['name']}", flush=True)
@@ -508,8 +589,12 @@ def run_speedup(setting: str = "cpu", *, bag_size: int = 6, switch_fraction: flo
     summaries[tst["name"]] = prev
     longest = plan["baselines"][-1]
     ordered = [longest] + [b for b in plan["baselines"] if b is not longest]
+    missing = []
     for b in ordered:
         prev = done_before(b["name"], b["steps"])
+        if prev is None and compare_only:
+            missing.append(b["name"])
+            continue
         if prev is None:
             if b["branch_from"]:
                 make_branch(out, b["branch_from"], b["name"], b["branch_step"])
@@ -527,6 +612,11 @@ def run_speedup(setting: str = "cpu", *, bag_size: int = 6, switch_fraction: flo
             prev = train_one(c, b["name"], console)
         summaries[b["name"]] = prev
     total_s = time.perf_counter() - t_all
+    if missing:
+        say(f"[speedup] --compare-only: not finished, left out of the comparison: {', '.join(missing)}")
+        plan["baselines"] = [b for b in plan["baselines"] if b["name"] not in missing]
+        if not plan["baselines"]:
+            raise SystemExit("--compare-only: no finished baseline to compare with")
 
     # -- comparison -------------------------------------------------------------------------------------------
     res = compare(out, plan, res_dir, cfg)
@@ -542,6 +632,7 @@ def run_speedup(setting: str = "cpu", *, bag_size: int = 6, switch_fraction: flo
         "hardware": hardware_info(cfg),
         "positions_per_step": B * L, "flops_per_step": minfo["flops_per_position"] * B * L,
         "runs": {k: _slim(v) for k, v in summaries.items()},
+        "missing_baselines": missing,
         "total_compute_s": total_s,
         "comparison": res,
         "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -563,7 +654,7 @@ def run_speedup(setting: str = "cpu", *, bag_size: int = 6, switch_fraction: flo
 
 def _slim(s: dict) -> dict:
     keys = ("step", "status", "final_val_loss", "final_train_loss", "raw_tokens", "epochs", "elapsed_s", "wall_s",
-            "compute_s", "switch_step", "loadavg_start", "loadavg_end", "run_dir")
+            "compute_s", "switch_step", "loadavg_start", "loadavg_end", "threads", "run_dir")
     return {k: s.get(k) for k in keys}
 
 
@@ -639,7 +730,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default=None, help="output dir: runs/ and <setting>/ (default: outputs/speedup)")
     ap.add_argument("--allow-repeat", action="store_true", help="allow runs that read more than one epoch")
     ap.add_argument("--reuse", action="store_true", help="keep finished runs of the same name and length")
+    ap.add_argument("--compare-only", action="store_true",
+                    help="train nothing: compare the finished runs of the plan (unfinished baselines left out)")
     ap.add_argument("--quiet", action="store_true", help="no per-step progress lines")
+    ap.add_argument("--chunk-corpus", metavar="SRC",
+                    help="prepare the data instead of training: split the JSONL corpus folder SRC (from `tst data "
+                         "build-corpus`) into shuffled pieces of at most --chunk-chars characters, written to the "
+                         "setting's data.source (or --chunk-out)")
+    ap.add_argument("--chunk-chars", type=int, default=2000)
+    ap.add_argument("--chunk-mb", type=float, default=None, help="write at most this many MB of pieces")
+    ap.add_argument("--chunk-out", default=None)
     ap.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.lr=2e-3")
     return ap
 
@@ -648,10 +748,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     cmd = "python bench/speedup.py " + " ".join(shlex.quote(a) for a in argv)
+    if args.chunk_corpus:
+        dst = args.chunk_out or setting_config(args.setting, args.overrides).data.source
+        info = chunk_corpus(args.chunk_corpus, dst, args.chunk_chars, args.chunk_mb)
+        print(json.dumps(info, indent=1))
+        return 0
     run_speedup(args.setting, bag_size=args.bag_size, switch_fraction=args.switch_fraction, steps=args.steps,
                 lengths=parse_lengths(args.baseline_lengths), mode=args.baseline_mode, out=args.out,
                 overrides=args.overrides, console=not args.quiet, allow_repeat=args.allow_repeat, reuse=args.reuse,
-                command=cmd)
+                command=cmd, compare_only=args.compare_only)
     return 0
 
 

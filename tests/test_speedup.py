@@ -97,3 +97,33 @@ def test_tiny_end_to_end_branches_equal_separate(tmp_path, capsys):
                                checkpoint_every=5)
     assert rep5["branches"]["tiny-base-T20"] == {"from": "tiny-base-T40", "step": 15, "decay_start": 18}
     assert rep5["runs"]["tiny-base-T20"]["final_val_loss"] == sep["runs"]["tiny-base-T20"]["final_val_loss"]
+
+    # --compare-only trains nothing and leaves unfinished baselines out
+    rc = speedup.run_speedup("tiny", steps=20, lengths=[1, 2, 3], out=str(tmp_path / "br"), console=False,
+                             compare_only=True)
+    assert rc["missing_baselines"] == ["tiny-base-T60"]
+    assert rc["comparison"]["equal_step"]["diff_nats"] == rep["comparison"]["equal_step"]["diff_nats"]
+    assert not (tmp_path / "br" / "runs" / "tiny-base-T60").exists()
+
+
+def test_chunk_corpus_splits_shuffles_and_caps(tmp_path):
+    src = tmp_path / "corpus"
+    src.mkdir()
+    docs = [{"text": "".join(f"doc{i} line {j}\n" for j in range(400)), "source": f"s{i}"} for i in range(3)]
+    docs.append({"text": "x" * 5000, "source": "long-line"})
+    with open(src / "corpus-00000.jsonl", "w") as f:
+        for d in docs:
+            f.write(json.dumps(d) + "\n")
+    (src / "SOURCES.md").write_text("not read: only *.jsonl")
+    info = speedup.chunk_corpus(str(src), str(tmp_path / "chunks"), max_chars=1000, seed=0)
+    rows = [json.loads(x) for x in (tmp_path / "chunks" / "corpus-00000.jsonl").read_text().splitlines()]
+    assert all(len(r["text"]) <= 1000 for r in rows)
+    # nothing lost, nothing added (the pieces of each document, in order, rebuild it)
+    for d in docs:
+        parts = [r["text"] for r in rows if r["source"] == d["source"]]
+        assert sum(len(p) for p in parts) == len(d["text"])
+    assert [r["source"] for r in rows] != sorted(r["source"] for r in rows)  # shuffled across documents
+    assert info["pieces_written"] == len(rows) and (tmp_path / "chunks.json").is_file()
+    assert not list((tmp_path / "chunks").glob("*.json"))  # only data inside the folder
+    capped = speedup.chunk_corpus(str(src), str(tmp_path / "capped"), max_chars=1000, max_mb=0.002)
+    assert capped["pieces_written"] < info["pieces_written"]
