@@ -600,7 +600,8 @@ def plot_comparison(tst: RunCurves, baselines: list[RunCurves], res: dict, out: 
     fig = Figure(figsize=(12, 4.5))
     FigureCanvasAgg(fig)
     ax_t, ax_s = fig.subplots(1, 2)
-    runs = [(tst, "TST", "C3")] + [(b, "baseline", f"C{i}") for i, b in enumerate(baselines)]
+    base_colors = [f"C{i}" for i in range(10) if i != 3]  # C3 (red) is TST's alone
+    runs = [(tst, "TST", "C3")] + [(b, "baseline", base_colors[i % len(base_colors)]) for i, b in enumerate(baselines)]
     for r, role, color in runs:
         steps, losses = r.eval_steps, r.eval_losses
         label = f"{role}: {r.name}"
