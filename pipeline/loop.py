@@ -53,8 +53,6 @@ class Reporter(Protocol):
 class RunState:
     step: int = 0  # optimizer steps completed
     elapsed_s: float = 0.0  # training wall-clock before this process (resume)
-    raw_tokens: int = 0
-    best_val: float = float("inf")
 
 
 def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
@@ -315,7 +313,6 @@ class Trainer:
             timer.add(1, positions * s, positions, wait, time.perf_counter() - t0)
             if not math.isfinite(loss):
                 status = "nonfinite"
-                self.nonfinite_step = done
                 break
             losses.append((done, loss))
             is_switch = done == self.switch_step and 0 < self.switch_step < self.T
