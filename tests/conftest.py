@@ -35,6 +35,18 @@ def ray_session():
     # left running until the session ends; ray shuts itself down at exit
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one intra-op thread is many times faster than two on a shared 2-core machine.
+    Use with `pytestmark = pytest.mark.usefixtures("one_thread")`; the thread count is restored afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     """A fresh working directory (outputs, MLflow store) per test."""

@@ -10,10 +10,10 @@ import warnings
 import pytest
 import torch
 
-import tst_ops
 
 from pipeline.config import Config, ModelConfig
 from pipeline.export import export_checkpoint, generate_text, load_model
+from pipeline.loop import make_batch
 from pipeline.model import Transformer, resolve_model_config
 
 
@@ -53,17 +53,10 @@ def batch(stream, step, rank, s, B=8, L=32):
     g = torch.Generator().manual_seed(1000 * step + rank)
     starts = torch.randint(0, len(stream) - s * L - s, (B,), generator=g).tolist()
     w = torch.stack([stream[i : i + s * L + s] for i in starts])  # (B, s*L + s)
-    x = tst_ops.fold_bags(w[:, : s * L], s) if s > 1 else w[:, :L]  # (B, L, s) or (B, L)
-    return x, tst_ops.next_bag_targets(w, s)  # (B, L, s)
+    return make_batch(w, s, L)  # (B, L, s) or (B, L) inputs, (B, L, s) targets
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one intra-op thread is many times faster than two on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,7 @@ from pipeline.config import ConfigError, ModelConfig
 from pipeline.model import PRESETS, Transformer, resolve_model_config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one intra-op thread is many times faster than two on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(vocab=97, **kw):

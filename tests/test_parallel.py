@@ -1,11 +1,14 @@
 """Activation checkpointing and torch.compile are applied to an unchanged model and must not change numerics
 (torchtitan's rule: a refactor that should not alter numerics shows the same loss under a fixed seed)."""
 
+import pytest
 import torch
 
 from pipeline.config import Config, apply_overrides
 from pipeline.loop import build_model, make_batch
 from pipeline.parallel import parallelize
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
          "model.intermediate_size=128"]
@@ -34,10 +37,8 @@ def _check(layers, **kw):
 
 
 def test_activation_checkpointing_keeps_loss_and_grads():
-    torch.set_num_threads(1)
     _check(2, activation_checkpointing=True)
 
 
 def test_compile_keeps_loss_and_grads():
-    torch.set_num_threads(1)
     _check(1, compile=True)  # one block: inductor's CPU compile is the slow part, not the check
