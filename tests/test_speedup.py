@@ -106,6 +106,32 @@ def test_tiny_end_to_end_branches_equal_separate(tmp_path, capsys):
     assert not (tmp_path / "br" / "runs" / "tiny-base-T60").exists()
 
 
+def test_switch_diag_reads_adam_state_and_trains_a_branch(tmp_path, capsys):
+    """bench/switch_diag.py: Adam's v against the gradients on both sides of the switch, then a branch from the
+    switch checkpoint with v refreshed, trained to the end by the ordinary loop."""
+    from bench import switch_diag
+
+    cfg = speedup.setting_config("tiny", [f"run.output_dir={tmp_path}"])
+    c = speedup._run_cfg(cfg, steps=12, bag_size=4, switch_fraction=0.5, name="tst")
+    tst = speedup.train_one(c, "tst", console=False)
+    diag = switch_diag.main([str(tmp_path / "runs" / "tst"), "--batches", "2", "--intervene", "refresh_v"])
+    assert diag["switch_step"] == 6
+    assert set(diag["rms"]) == {"embedding", "norms", "attention", "mlp", "lm_head"}
+    assert all(math.isfinite(a) and math.isfinite(b) and a > 0 and b > 0 for a, b in diag["rms"].values())
+    br = diag["branch"]
+    assert br["status"] == "finished" and br["step"] == 12 and math.isfinite(br["final_val_loss"])
+    assert br["final_val_loss"] != tst["final_val_loss"]  # the changed optimizer state changed the run
+    assert json.loads((tmp_path / "runs" / "tst-refresh_v" / "BRANCH.json").read_text())["step"] == 6
+    assert "rms g/sqrt(v)" in capsys.readouterr().out
+    # reinit: phase 1 thrown away (fresh weights and optimizer at the switch), same data and schedule after it
+    re = switch_diag.main([str(tmp_path / "runs" / "tst"), "--batches", "1", "--intervene", "reinit"])["branch"]
+    assert re["status"] == "finished" and re["final_val_loss"] not in (br["final_val_loss"], tst["final_val_loss"])
+    with pytest.raises(SystemExit, match="no superposition phase"):
+        c = speedup._run_cfg(cfg, steps=4, bag_size=1, switch_fraction=0.0, name="base")
+        speedup.train_one(c, "base", console=False)
+        switch_diag.main([str(tmp_path / "runs" / "base")])
+
+
 def test_chunk_corpus_splits_shuffles_and_caps(tmp_path):
     src = tmp_path / "corpus"
     src.mkdir()
