@@ -102,8 +102,10 @@ def main():
     t_start = time.time()
     # own ports and temp dir: other Ray instances on this machine are left alone
     common = {"temp_dir": plan["temp_dir"]}
+    # dashboard_port too: Ray binds it even with include_dashboard=False, and a Ray already serving its dashboard
+    # on the default 8265 (a `tst tune` beside the tests) made this head time out at startup
     head_args = {"num_cpus": 2, "include_dashboard": False, "gcs_server_port": plan["ports"][0],
-                 "dashboard_agent_listen_port": plan["ports"][1], **common}
+                 "dashboard_agent_listen_port": plan["ports"][1], "dashboard_port": plan["ports"][2], **common}
     cluster = Cluster(initialize_head=True, head_node_args=head_args)
     train_node = {"num_cpus": 1, "resources": {"train_node": 1}, **common}
     nodes = [cluster.add_node(**train_node) for _ in range(2)]

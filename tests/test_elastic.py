@@ -94,7 +94,7 @@ def elastic_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("elastic"))
     temp_dir = tempfile.mkdtemp(prefix="tste", dir="/tmp")  # short: Unix socket paths live under it
     plan = {
-        "out": out, "temp_dir": temp_dir, "ports": _free_ports(2), "name": "elastic",
+        "out": out, "temp_dir": temp_dir, "ports": _free_ports(3), "name": "elastic",
         "overrides": OVERRIDES + [f"run.output_dir={out}"],
         "remove_after": REMOVE_AFTER, "shrunk_steps": 2, "resize_interval_s": 5, "pace_s": [0.1, 1.5],
         "env": {"TST_INJECT_FAILURE": f"{KILL_AT}:1:kill:{out}/killed",
