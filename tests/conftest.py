@@ -21,11 +21,9 @@ def ray_session():
     if not ray.is_initialized():
         # The dashboard serves the state API that Ray Train's placement-group cleaner polls; without it the
         # cleaner can mistake a live controller for a dead one and remove a running trial's placement group.
-        import socket
+        from netutil import free_ports
 
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        (port,) = free_ports(1)
         ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=port, log_to_driver=False, configure_logging=False)
     from ray.data import DataContext

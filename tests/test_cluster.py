@@ -14,7 +14,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import urllib.request
 
 import pytest
 import yaml
+from netutil import free_ports
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -144,18 +144,6 @@ def test_node_types_carry_what_the_code_requests():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _descendants(pid: int) -> list[int]:
     """PIDs below `pid` (from /proc), children first found breadth-first."""
     children: dict[int, list[int]] = {}
@@ -202,7 +190,7 @@ def _kill_tree(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
 def ray_head():
     """`ray start --head` on 127.0.0.1 with its own temp dir, ports and auth token; stopped by PID afterwards."""
     temp_dir = tempfile.mkdtemp(prefix="tsth", dir="/tmp")  # short: Unix socket paths live under it
-    gcs, dash, client, agent = _free_ports(4)
+    gcs, dash, client, agent = free_ports(4)
     token = secrets.token_hex(32)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # loopback IP

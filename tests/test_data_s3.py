@@ -15,14 +15,9 @@ from pipeline.config import Config, apply_overrides
 from pipeline.corpus import builtin_documents
 from pipeline.data import build_source, iter_documents, list_files
 from pipeline.errors import DataError
+from netutil import free_ports
 
 boto3 = pytest.importorskip("boto3")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +25,7 @@ def s3_server():
     exe = shutil.which("moto_server") or os.path.join(os.path.dirname(sys.executable), "moto_server")
     if not os.path.exists(exe):
         pytest.skip("moto_server not installed (pip install 'moto[server]')")
-    port = _free_port()
+    (port,) = free_ports(1)
     proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 30

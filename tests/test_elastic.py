@@ -34,7 +34,6 @@ Ray 2.60 behaviour measured here (2-core machine shared with other jobs, load av
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ import tempfile
 import pytest
 
 from pipeline.config import Config, apply_overrides
+from netutil import free_ports
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 T = 40
@@ -58,16 +58,6 @@ OVERRIDES = [
     "train.keep_checkpoints=3", "scaling.num_workers=2", "scaling.min_workers=1", "scaling.cpus_per_worker=0.5",
     "scaling.max_failures=10", "scaling.worker_resources={train_node: 1}", "run.tracking=false",
 ]
-
-
-def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _session_pids(sid: int) -> list[int]:
@@ -94,7 +84,7 @@ def elastic_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("elastic"))
     temp_dir = tempfile.mkdtemp(prefix="tste", dir="/tmp")  # short: Unix socket paths live under it
     plan = {
-        "out": out, "temp_dir": temp_dir, "ports": _free_ports(3), "name": "elastic",
+        "out": out, "temp_dir": temp_dir, "ports": free_ports(3), "name": "elastic",
         "overrides": OVERRIDES + [f"run.output_dir={out}"],
         "remove_after": REMOVE_AFTER, "shrunk_steps": 2, "resize_interval_s": 5, "pace_s": [0.1, 1.5],
         "env": {"TST_INJECT_FAILURE": f"{KILL_AT}:1:kill:{out}/killed",

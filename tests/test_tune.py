@@ -17,7 +17,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ ray = pytest.importorskip("ray")
 from ray import tune  # noqa: E402
 
 from pipeline.config import Config, ConfigError, apply_overrides  # noqa: E402
+from netutil import free_ports  # noqa: E402
 
 TINY = [
     "model.preset=tiny", "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
@@ -112,18 +112,12 @@ def test_cli_builds_the_spec_from_flags(tmp_path):
 
 
 # -- real searches ------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on loopback. Launched when the module's first search starts (it takes tens of
     seconds to come up on a busy 2-core machine, so its start overlaps that search), waited for when used."""
     root = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
+    (port,) = free_ports(1)
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(
         [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1", "--port",
