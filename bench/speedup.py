@@ -459,15 +459,21 @@ def make_branch(out: str, long_name: str, name: str, branch_step: int) -> None:
             shutil.copy2(a, b)
 
     shutil.copytree(ck, os.path.join(dst, "checkpoints", os.path.basename(ck)), copy_function=link_or_copy)
-    with open(os.path.join(src, "metrics.jsonl")) as f, open(os.path.join(dst, "metrics.jsonl"), "w") as g:
+    copy_history(src, dst, branch_step)
+    with open(os.path.join(dst, "BRANCH.json"), "w") as f:
+        json.dump({"branched_from": long_name, "checkpoint": ck, "step": branch_step}, f, indent=1)
+
+
+def copy_history(src_run: str, dst_run: str, upto_step: int) -> None:
+    """A branch's metrics.jsonl: the source run's records up to `upto_step` (its final summary left out), so the
+    branch's curve starts with the history it shares with the run it branched from."""
+    with open(os.path.join(src_run, "metrics.jsonl")) as f, open(os.path.join(dst_run, "metrics.jsonl"), "w") as g:
         for line in f:
             if not line.strip():
                 continue
             rec = json.loads(line)
-            if rec.get("kind") != "final" and rec.get("step", 0) <= branch_step:
+            if rec.get("kind") != "final" and rec.get("step", 0) <= upto_step:
                 g.write(line if line.endswith("\n") else line + "\n")
-    with open(os.path.join(dst, "BRANCH.json"), "w") as f:
-        json.dump({"branched_from": long_name, "checkpoint": ck, "step": branch_step}, f, indent=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------

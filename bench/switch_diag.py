@@ -59,7 +59,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     cfg = load_config(os.path.join(a.run_dir, "config.yaml"))
     torch.set_num_threads(cfg.train.threads or 1)
-    src = build_source(cfg, cfg.run.output_dir)
+    from pipeline.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(cfg.data, cfg.run.output_dir)
+    src = build_source(cfg, cfg.run.output_dir, tokenizer=tok)
     sw = src.plan.switch_step
     if sw <= 0:
         sys.exit("this run has no superposition phase (bag_size 1 or switch_fraction 0)")
@@ -67,9 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not os.path.isdir(ckpt):
         sys.exit(f"no switch checkpoint {ckpt}: the loop writes one at switch_step, and it was pruned; "
                  "rerun the run with a larger train.keep_checkpoints")
-    from pipeline.tokenizer import load_tokenizer
-
-    vocab = load_tokenizer(cfg.data, cfg.run.output_dir).vocab_size
+    vocab = tok.vocab_size
     model, _ = build_model(cfg, vocab, torch.device("cpu"))
     opt = build_optimizer(cfg, model)
     load_checkpoint(ckpt, model, opt)
@@ -111,22 +112,23 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{grp:<10} {sup:>30.3f} {rec:>25.3f} {rec / sup:>7.2f}")
     out = {"rms": table, "switch_step": sw}
     if a.intervene:
-        out["branch"] = branch(a, cfg, ckpt, model, opt, rec_sq)
+        out["branch"] = branch(a, cfg, ckpt, model, opt, rec_sq, vocab)
     return out
 
 
-def branch(a, cfg, ckpt: str, model, opt, rec_sq: dict) -> dict:
+def branch(a, cfg, ckpt: str, model, opt, rec_sq: dict, vocab: int) -> dict:
     """A run folder `<run>-<intervention>` holding the modified switch checkpoint, trained to the end."""
     import json
     import shutil
 
+    from bench.speedup import copy_history
     from pipeline.checkpoint import read_meta, save_checkpoint
     from pipeline.runner import run_training
 
     from pipeline.loop import build_model
 
     if a.intervene == "reinit":  # the initial weights of the run (same seed as its step 0)
-        fresh, _ = build_model(cfg, model.tok_embeddings.weight.shape[0], torch.device("cpu"))
+        fresh, _ = build_model(cfg, vocab, torch.device("cpu"))
         model.load_state_dict(fresh.state_dict())
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -145,11 +147,7 @@ def branch(a, cfg, ckpt: str, model, opt, rec_sq: dict) -> dict:
     meta = read_meta(ckpt)
     save_checkpoint(os.path.join(dst, "checkpoints", os.path.basename(ckpt)), model, opt, meta, rank=0,
                     tokenizer_path=os.path.join(ckpt, "tokenizer.json"))
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f, open(os.path.join(dst, "metrics.jsonl"), "w") as g:
-        for line in f:  # the shared history up to the switch, as bench/speedup.py's decay branches keep it
-            rec = json.loads(line) if line.strip() else None
-            if rec and rec.get("kind") != "final" and rec.get("step", 0) <= meta["step"]:
-                g.write(line if line.endswith("\n") else line + "\n")
+    copy_history(run_dir, dst, meta["step"])  # the shared history up to the switch, like a decay branch's
     with open(os.path.join(dst, "BRANCH.json"), "w") as f:
         json.dump({"branched_from": run_dir, "checkpoint": ckpt, "step": meta["step"],
                    "intervention": a.intervene}, f, indent=1)
