@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     """The decoder's shape. `preset` fills every field left at None (see `pipeline.model.PRESETS`)."""
 
-    preset: str = "tiny"  # tiny | 125M | 270M | 600M | 3B (paper shapes, see pipeline/model.py)
+    preset: str = "tiny"  # tiny | 125M | 270M | 600M | 3B | tiny-moe | 10B-A1B (see pipeline/model.py)
     vocab_size: Optional[int] = None  # None: taken from the tokenizer
     hidden_size: Optional[int] = None
     num_layers: Optional[int] = None
@@ -37,6 +37,14 @@ class ModelConfig:
     rope_theta: Optional[float] = None
     rms_norm_eps: Optional[float] = None
     max_position_embeddings: Optional[int] = None
+    # Mixture-of-Experts (pipeline/moe.py; Qwen3-MoE). num_experts 0 = dense (the Llama presets).
+    num_experts: Optional[int] = None  # E: experts per MoE layer
+    experts_per_token: Optional[int] = None  # k: top-k token-choice routing (Qwen3 num_experts_per_tok)
+    moe_intermediate_size: Optional[int] = None  # each expert's SwiGLU width
+    moe_every: Optional[int] = None  # layer i is MoE when (i + 1) % moe_every == 0 (Qwen3 decoder_sparse_step)
+    router_aux_loss_coef: Optional[float] = None  # Switch load-balancing loss weight (aux = 1 at uniform routing)
+    router_z_loss_coef: Optional[float] = None  # ST-MoE router z-loss weight; 0 = off
+    qk_norm: Optional[bool] = None  # Qwen3's per-head RMSNorm of queries and keys (on for the MoE presets)
     init_std: float = 0.02
 
 
@@ -347,6 +355,15 @@ def validate(cfg: Config) -> None:
         )
     if t.warmup_steps < 0 or not 0.0 <= t.decay_fraction <= 1.0:
         raise ConfigError("train.warmup_steps must be >= 0 and train.decay_fraction in [0, 1]")
+    m = cfg.model
+    for k in ("num_experts", "experts_per_token", "moe_intermediate_size", "router_aux_loss_coef", "router_z_loss_coef"):
+        if getattr(m, k) is not None and getattr(m, k) < 0:
+            raise ConfigError(f"model.{k} must be >= 0, got {getattr(m, k)}")
+    if m.moe_every is not None and m.moe_every < 1:
+        raise ConfigError(f"model.moe_every must be >= 1, got {m.moe_every}")
+    if m.num_experts and m.experts_per_token and m.experts_per_token > m.num_experts:
+        raise ConfigError(f"model.experts_per_token ({m.experts_per_token}) must be <= model.num_experts "
+                          f"({m.num_experts})")
     for k in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         if getattr(t, k) < 1:
             raise ConfigError(f"train.{k} must be >= 1, got {getattr(t, k)}")

@@ -17,18 +17,30 @@ Why this file exists and looks the way it does:
 Parameter names follow Meta's Llama reference (tok_embeddings, layers.{i}.attention.wq, feed_forward.w1, ...);
 `HF_NAME_MAP` gives the Hugging Face name of each.
 
+Mixture-of-Experts (`model.num_experts > 0`): the model is then Hugging Face `Qwen3MoeForCausalLM` parameter for
+parameter instead: every `model.moe_every`-th layer's MLP is the MoE block of `pipeline/moe.py` (router, top-k
+softmax renormalised, SwiGLU experts, no shared expert, dropless), and attention has Qwen3's QK-norm (an RMSNorm
+over each head's query and key, before RoPE). QK-norm is a flag of its own (`model.qk_norm`): on for the MoE
+presets because Qwen3-MoE (and OLMoE) have it and export must be a renaming; off for the dense presets because
+they are Llamas, which have none. A bag's averaged embedding is routed like a token. In training mode with targets,
+forward adds the load-balancing loss (and the optional z-loss) to the returned loss and leaves the parts in
+`self.moe_last` (see `forward`). FLOPs count active parameters only (`num_active_params`).
+
 Presets (`PRESETS`): "tiny" for CPU runs and tests; "125M" for the GPU check; and the paper's shapes with the
 Llama-3 vocabulary (128,256 ids) untied (design notes, "Model and export"):
   "270M" = SmolLM2-135M shape, "600M" = SmolLM2-360M shape, "3B" = SmolLM3-3B shape.
 Their parameter counts (tested on the meta device in tests/test_model.py) are 254.0M, 560.9M and 3.338B: the
 paper's names round the untied-embedding models up. With SmolLM's own tied 49,152-id (SmolLM2) / 128,256-id
 (SmolLM3) embeddings the same shapes give the public 134.5M, 361.8M and 3.075B.
+MoE presets: "tiny-moe" (CPU; the tiny shape with 8 experts of 192, top 2, so its active parameters and FLOPs per
+position are tiny's: +0.3% for routers and QK-norms) and "10B-A1B" (the paper's MoE scale; shape and counts at the
+preset below, tested in tests/test_moe.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -38,6 +50,10 @@ import tst_ops
 
 # Shapes, with sources. Fields left None in a ModelConfig are filled from here; vocab_size comes from the
 # tokenizer unless the config sets it, and the preset's vocab_size is the reference used for parameter counts.
+# Dense presets: no experts, no QK-norm (plain Llama). Every preset sets every key, so a resolved config is complete.
+_DENSE = dict(num_experts=0, experts_per_token=0, moe_intermediate_size=0, moe_every=1, router_aux_loss_coef=0.0,
+              router_z_loss_coef=0.0, qk_norm=False)
+
 PRESETS: dict[str, dict] = {
     # CPU default: 1.84M parameters at a 4096-id vocabulary (0.79M non-embedding); trains in seconds on 2 cores
     # at seq 128.
@@ -71,7 +87,35 @@ PRESETS: dict[str, dict] = {
         vocab_size=128256, hidden_size=2048, num_layers=36, num_heads=16, num_kv_heads=4, intermediate_size=11008,
         rope_theta=5000000.0, rms_norm_eps=1e-6, max_position_embeddings=65536,
     ),
+    # tiny with its MLP split into 8 SwiGLU experts of 192, top-2: the active MLP (2 x 3 x 128 x 192) equals tiny's
+    # dense MLP (3 x 128 x 384), so active FLOPs per position are tiny's (+ router 128 x 8 and QK-norm per layer).
+    # Load-balancing coefficient 0.01 as OLMoE (our aux is 1 at uniform routing; HF's is k at uniform, so Qwen3's
+    # 0.001 on HF's loss is 0.008 on ours at k = 8).
+    "tiny-moe": dict(
+        vocab_size=4096, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384,
+        rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=2048,
+        num_experts=8, experts_per_token=2, moe_intermediate_size=192, moe_every=1, router_aux_loss_coef=0.01,
+        router_z_loss_coef=0.0, qk_norm=True,
+    ),
+    # The paper's 10B-A1B: OLMoE-1B-7B's trunk (allenai/OLMoE-1B-7B-0924: hidden 2048, 16 layers, 16 heads of 128)
+    # with Qwen3-30B-A3B's experts and attention (Qwen/Qwen3-30B-A3B config.json: 128 experts of
+    # moe_intermediate_size 768, top-8, norm_topk_prob, 4 KV heads, QK-norm, rope_theta 1e6, rms_norm_eps 1e-6),
+    # every layer MoE, Llama-3 vocabulary untied. Total 10.36B parameters; active per token 1.30B with both
+    # embedding matrices, 1.04B counting the LM head but not the input embedding (a lookup): "A1B".
+    # intermediate_size is Qwen3-30B-A3B's, used only by layers that moe_every leaves dense.
+    "10B-A1B": dict(
+        vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=16, num_kv_heads=4, intermediate_size=6144,
+        rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=40960,
+        num_experts=128, experts_per_token=8, moe_intermediate_size=768, moe_every=1, router_aux_loss_coef=0.01,
+        router_z_loss_coef=0.0, qk_norm=True,
+    ),
 }
+PRESETS = {name: {**_DENSE, **shape} for name, shape in PRESETS.items()}
+
+
+def is_moe_layer(cfg, i: int) -> bool:
+    """Qwen3-MoE's rule (`decoder_sparse_step`): layer i is MoE when (i + 1) % moe_every == 0."""
+    return cfg.num_experts > 0 and (i + 1) % cfg.moe_every == 0
 
 
 def resolve_model_config(cfg, vocab_size: Optional[int] = None):
@@ -97,6 +141,14 @@ def resolve_model_config(cfg, vocab_size: Optional[int] = None):
         from pipeline.config import ConfigError
 
         raise ConfigError(f"model: head dim hidden_size/num_heads = {out.hidden_size // out.num_heads} must be even")
+    if out.num_experts:
+        from pipeline.config import ConfigError
+
+        if not 1 <= out.experts_per_token <= out.num_experts or out.moe_intermediate_size < 1 or out.moe_every < 1:
+            raise ConfigError(
+                f"model: an MoE needs 1 <= experts_per_token ({out.experts_per_token}) <= num_experts "
+                f"({out.num_experts}), moe_intermediate_size >= 1 ({out.moe_intermediate_size}) and moe_every >= 1 "
+                f"({out.moe_every})")
     return out
 
 
@@ -158,12 +210,18 @@ class Attention(nn.Module):
         self.wk = nn.Linear(d, self.n_kv * self.head_dim, bias=False)  # HF k_proj
         self.wv = nn.Linear(d, self.n_kv * self.head_dim, bias=False)  # HF v_proj
         self.wo = nn.Linear(self.n_heads * self.head_dim, d, bias=False)  # HF o_proj
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's dimension, before RoPE
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)  # HF q_norm
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)  # HF k_norm
+        self.qk_norm = cfg.qk_norm
 
     def forward(self, x, cos, sin, cache: Optional[KVCache] = None, layer: int = 0, start_pos: int = 0):
         B, L, _ = x.shape  # (B, L, D)
         q = self.wq(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, hd)
         k = self.wk(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)  # (B, H_kv, L, hd)
         v = self.wv(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)  # (B, H_kv, L, hd)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
@@ -193,16 +251,28 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg):
+    """Returns (h (B, L, D), router statistics of an MoE layer or None): the statistics leave the block as an
+    output, so that FSDP2's backward hooks see them."""
+
+    def __init__(self, cfg, layer: int = 0):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # HF input_layernorm
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # HF post_attention_layernorm
-        self.feed_forward = FeedForward(cfg)
+        self.is_moe = is_moe_layer(cfg, layer)
+        if self.is_moe:
+            from pipeline.moe import MoEFeedForward
+
+            self.feed_forward = MoEFeedForward(cfg)
+        else:
+            self.feed_forward = FeedForward(cfg)
 
     def forward(self, x, cos, sin, cache=None, layer=0, start_pos=0):  # (B, L, D)
         x = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, start_pos)
-        return x + self.feed_forward(self.ffn_norm(x))
+        if self.is_moe:
+            y, stats = self.feed_forward(self.ffn_norm(x))
+            return x + y, stats
+        return x + self.feed_forward(self.ffn_norm(x)), None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -218,7 +288,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.head_dim = cfg.hidden_size // cfg.num_heads
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)  # HF model.embed_tokens
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # untied
 
@@ -232,6 +302,8 @@ class Transformer(nn.Module):
                 nn.init.normal_(m.weight, mean=0.0, std=std)
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
+            elif hasattr(m, "init_weights") and m is not self:  # MoE experts: 3-D weights, N(0, std) too
+                m.init_weights(std)
 
     def forward(
         self,
@@ -243,10 +315,19 @@ class Transformer(nn.Module):
         fused_chunk: Optional[int] = None,
         cache: Optional[KVCache] = None,
         start_pos: int = 0,
+        router_counts_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        router_tokens: Optional[float] = None,
     ):
         """tokens (B, L) ids or (B, L, s) bags. targets (B, L, s) or (B, L) next-(bag) ids, -100 = ignore.
         Returns the scalar loss when targets are given, else logits (B, L, V) in float32-or-compute dtype.
-        `cache`/`start_pos`: incremental decoding (generation), positions start_pos..start_pos+L-1."""
+        `cache`/`start_pos`: incremental decoding (generation), positions start_pos..start_pos+L-1.
+
+        MoE, training mode, with targets: the returned loss is LM + router_aux_loss_coef * aux + router_z_loss_coef
+        * z, and `self.moe_last` holds {"lm", "aux", "z"} (detached shares) and "counts" ((n_moe, E) assignment
+        counts used for the fractions). Like `slot_counts` for the LM loss, the caller makes the aux loss a
+        global-batch quantity: `router_counts_reduce` maps this forward's (n_moe, E) counts to their sum over ranks
+        (an all-reduce; called once, after the last layer) and `router_tokens` is the global number of routed
+        positions in the step; then the shares of every rank and micro-batch add up (pipeline/moe.py)."""
         if tokens.dim() == 3:  # Listing 2: mean of the s slot embeddings in float32, cast back
             h = tst_ops.bag_embedding(tokens, self.tok_embeddings.weight)  # (B, L, D)
         elif tokens.dim() == 2:
@@ -257,15 +338,18 @@ class Transformer(nn.Module):
         # latent position j gets rotary position j (bags too)
         positions = torch.arange(start_pos, start_pos + L, device=tokens.device)  # (L,)
         cos, sin = rotary_cos_sin(positions, self.head_dim, self.cfg.rope_theta, h.dtype)  # (L, hd)
+        router_stats = []  # per MoE layer: (counts (E,), prob_sum (E,), z_sum ())
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, cache, i, start_pos)  # (B, L, D)
+            h, stats = layer(h, cos, sin, cache, i, start_pos)  # (B, L, D)
+            if stats is not None:
+                router_stats.append(stats)
         h = self.norm(h)  # (B, L, D)
         if targets is None:
             return self.lm_head(h)  # (B, L, V)
         if targets.dim() == 2:
             targets = targets.unsqueeze(-1)  # (B, L, 1): ordinary next-token targets
         # Listing 3 (multi-hot CE over the next bag), fused with the LM head: (N, V) logits never materialised.
-        return tst_ops.fused_linear_multi_hot_cross_entropy(
+        lm = tst_ops.fused_linear_multi_hot_cross_entropy(
             h.flatten(0, 1),  # (B*L, D)
             self.lm_head.weight,  # (V, D), unsharded here under FSDP
             targets.flatten(0, 1),  # (B*L, s)
@@ -273,6 +357,19 @@ class Transformer(nn.Module):
             slot_counts=slot_counts,
             chunk_size=fused_chunk,
         )
+        if not (router_stats and self.training):
+            return lm  # dense, or evaluation: the next-(bag) loss alone
+        from pipeline.moe import moe_losses
+
+        counts = torch.stack([c for c, _, _ in router_stats])  # (n_moe, E) this forward's assignments
+        if router_counts_reduce is not None:
+            counts = router_counts_reduce(counts)  # (n_moe, E) summed over ranks
+        aux, z = moe_losses(router_stats, self.cfg.num_experts, self.cfg.experts_per_token, counts, router_tokens)
+        self.moe_last = {"lm": lm.detach(), "aux": aux.detach(), "z": z.detach(), "counts": counts.detach()}
+        loss = lm + self.cfg.router_aux_loss_coef * aux.to(lm.dtype)
+        if self.cfg.router_z_loss_coef:
+            loss = loss + self.cfg.router_z_loss_coef * z.to(lm.dtype)
+        return loss
 
     # -- accounting ------------------------------------------------------------------------------------------------
     def num_params(self, exclude_embedding: bool = False) -> int:
@@ -283,11 +380,24 @@ class Transformer(nn.Module):
             n -= self.tok_embeddings.weight.numel() + self.lm_head.weight.numel()
         return n
 
+    def num_active_params(self, exclude_embedding: bool = False) -> int:
+        """Parameters that one token uses: all but the (E - k) experts it was not routed to in each MoE layer
+        (equals num_params for a dense model). exclude_embedding as in num_params."""
+        n = self.num_params(exclude_embedding)
+        c = self.cfg
+        for layer in self.layers:
+            if layer.is_moe:
+                ff = layer.feed_forward
+                per_expert = sum(p[0].numel() for p in (ff.w1, ff.w3, ff.w2))
+                n -= (c.num_experts - c.experts_per_token) * per_expert
+        return n
+
     def flops_per_position(self, seq_len: int) -> int:
         """Training FLOPs per latent position (design notes): 6 (N_nonembedding + d V) + 6 n_layers d L, the last
-        term being causal attention (half of full attention's 12 n_layers d L)."""
+        term being causal attention (half of full attention's 12 n_layers d L). N_nonembedding counts ACTIVE
+        parameters only (an MoE layer: router + k experts), so FLOPs and MFU of MoE and dense models compare."""
         c = self.cfg
-        return 6 * (self.num_params(exclude_embedding=True) + c.hidden_size * c.vocab_size) + 6 * c.num_layers * (
+        return 6 * (self.num_active_params(exclude_embedding=True) + c.hidden_size * c.vocab_size) + 6 * c.num_layers * (
             c.hidden_size * seq_len
         )
 
@@ -360,7 +470,13 @@ HF_NAME_MAP = {  # ours (per-layer part after "layers.{i}.") -> HF LlamaForCausa
     "feed_forward.w2.weight": "mlp.down_proj.weight",
     "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attention.q_norm.weight": "self_attn.q_norm.weight",  # QK-norm (Qwen3)
+    "attention.k_norm.weight": "self_attn.k_norm.weight",
+    "feed_forward.router.weight": "mlp.gate.weight",  # MoE router (Qwen3MoeTopKRouter)
 }
+# MoE expert tensors (E, ., .) <-> one matrix per expert j: mlp.experts.{j}.<name>.weight, the on-disk layout of
+# the published Qwen3-MoE checkpoints (transformers 4.x loads it as is; 5.x merges it into gate_up_proj/down_proj).
+HF_EXPERT_MAP = {"feed_forward.w1": "gate_proj", "feed_forward.w3": "up_proj", "feed_forward.w2": "down_proj"}
 _TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
         "lm_head.weight": "lm_head.weight"}
 
@@ -375,25 +491,48 @@ def hf_name(name: str) -> str:
 
 
 def to_hf_state_dict(sd: dict) -> dict:
-    """Our state dict -> LlamaForCausalLM's (same tensors, new names)."""
-    return {hf_name(k): v for k, v in sd.items()}
+    """Our state dict -> LlamaForCausalLM's / Qwen3MoeForCausalLM's (same tensors, new names; an MoE layer's
+    (E, ., .) expert tensors become E per-expert matrices, views of the same storage)."""
+    out = {}
+    for k, v in sd.items():
+        parts = k.split(".", 2)
+        if parts[0] == "layers" and len(parts) == 3 and parts[2] in HF_EXPERT_MAP:
+            for j in range(v.shape[0]):
+                out[f"model.layers.{parts[1]}.mlp.experts.{j}.{HF_EXPERT_MAP[parts[2]]}.weight"] = v[j]
+        else:
+            out[hf_name(k)] = v
+    return out
 
 
 def from_hf_state_dict(sd: dict) -> dict:
     """LlamaForCausalLM's state dict -> ours (ignores HF's non-persistent extras such as rotary inv_freq)."""
     inv = {v: k for k, v in _TOP.items()}
     rev = {hv: ov for ov, hv in HF_NAME_MAP.items()}
-    out = {}
+    rev_expert = {hv: ov for ov, hv in HF_EXPERT_MAP.items()}
+    out, experts = {}, {}  # experts: (layer, our name) -> {j: (., .) matrix}
     for k, v in sd.items():
         if k in inv:
             out[inv[k]] = v
             continue
         parts = k.split(".", 3)  # model, layers, i, rest
         if len(parts) == 4 and parts[:2] == ["model", "layers"]:
-            if parts[3] in rev:
-                out[f"layers.{parts[2]}.{rev[parts[3]]}"] = v
+            i, rest = parts[2], parts[3]
+            if rest in rev:
+                out[f"layers.{i}.{rev[rest]}"] = v
+                continue
+            sub = rest.split(".")
+            if len(sub) == 5 and sub[:2] == ["mlp", "experts"] and sub[3] in rev_expert and sub[4] == "weight":
+                experts.setdefault((i, rev_expert[sub[3]]), {})[int(sub[2])] = v  # per-expert (disk) layout
+                continue
+            if rest == "mlp.experts.gate_up_proj":  # transformers 5 in memory: (E, 2I, D) = cat(w1, w3)
+                out[f"layers.{i}.feed_forward.w1"], out[f"layers.{i}.feed_forward.w3"] = v.chunk(2, dim=1)
+                continue
+            if rest == "mlp.experts.down_proj":  # (E, D, I)
+                out[f"layers.{i}.feed_forward.w2"] = v
                 continue
         if k.endswith("rotary_emb.inv_freq"):
             continue
         raise KeyError(f"unexpected Hugging Face parameter {k!r}")
+    for (i, name), mats in experts.items():
+        out[f"layers.{i}.{name}"] = torch.stack([mats[j] for j in range(len(mats))])  # (E, ., .)
     return out

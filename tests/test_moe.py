@@ -1,0 +1,244 @@
+"""Mixture-of-Experts: grouped dispatch against the per-token loop, routing, the load-balancing loss by hand,
+bags, presets and their counts, transformers' Qwen3-MoE block, and the training loop (global-batch aux loss,
+expert-load metrics, exact resume, 2 FSDP2 workers under Ray Train)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import ConfigError, ModelConfig
+from pipeline.model import PRESETS, Transformer, resolve_model_config
+from pipeline.moe import MoEFeedForward, expert_forward, moe_losses, route
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SMALL = dict(preset="tiny-moe", hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4,
+             experts_per_token=2, moe_intermediate_size=24)
+
+
+def moe_block(dtype=torch.float32, E=6, k=2, D=16, I=12, seed=0):
+    cfg = resolve_model_config(ModelConfig(preset="tiny-moe", hidden_size=D, num_experts=E, experts_per_token=k,
+                                           moe_intermediate_size=I), 97)
+    torch.manual_seed(seed)
+    m = MoEFeedForward(cfg)
+    m.init_weights(0.2)
+    torch.nn.init.normal_(m.router.weight, std=0.5)
+    return m.to(dtype)
+
+
+def naive_moe(x, router_w, k, w1, w3, w2):
+    """The reference: token by token, expert by expert (Qwen3MoeSparseMoeBlock's arithmetic, no grouping)."""
+    out = []
+    for t in range(x.shape[0]):
+        p = torch.softmax(x[t] @ router_w.t(), -1, dtype=torch.float32)  # (E,)
+        w, i = torch.topk(p, k)
+        w = (w / w.sum()).to(x.dtype)
+        y = torch.zeros_like(x[t])
+        for j in range(k):
+            e = int(i[j])
+            y = y + w[j] * ((F.silu(w1[e] @ x[t]) * (w3[e] @ x[t])) @ w2[e].t())
+        out.append(y)
+    return torch.stack(out)  # (N, D)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_grouped_dispatch_equals_per_token_loop(dtype, tol):
+    m = moe_block(dtype)
+    x = torch.randn(2, 9, 16, dtype=dtype)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, _ = m(xa)  # (B, L, D) grouped by expert
+    params = [m.router.weight, m.w1, m.w3, m.w2]
+    yb = naive_moe(xb.reshape(-1, 16), *[params[0]], m.k, *params[1:]).view(2, 9, 16)
+    g = torch.randn_like(ya)
+    ga = torch.autograd.grad((ya * g).sum(), [xa] + params)
+    gb = torch.autograd.grad((yb * g).sum(), [xb] + params)
+    torch.testing.assert_close(ya.float(), yb.float(), rtol=tol, atol=tol)
+    for name, a, b in zip(["x", "router", "w1", "w3", "w2"], ga, gb):
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * max(1.0, b.abs().max().item()), msg=name)
+    # every expert, chosen or not, has a gradient (zeros when no token chose it): FSDP2 needs them on every rank
+    assert ga[2].shape == m.w1.shape
+
+
+def test_unchosen_expert_gets_zero_gradient_not_none():
+    m = moe_block()
+    with torch.no_grad():
+        m.router.weight[5] = -100.0  # expert 5 is never in anyone's top 2
+    y, (counts, _, _) = m(torch.rand(1, 7, 16) + 0.1)  # positive inputs: expert 5's logit is very negative
+    y.sum().backward()
+    assert counts[5] == 0 and m.w1.grad is not None and m.w1.grad[5].abs().max() == 0
+    assert m.w1.grad[counts > 0].abs().max() > 0
+
+
+def test_topk_weights_renormalised():
+    x = torch.randn(11, 16)
+    w = torch.randn(6, 16)
+    logits, probs, top_w, top_i = route(x, w, 3)
+    torch.testing.assert_close(top_w.sum(-1), torch.ones(11))
+    p = torch.softmax(x @ w.t(), -1)
+    torch.testing.assert_close(probs, p)
+    ref = p.gather(-1, top_i)
+    torch.testing.assert_close(top_w, ref / ref.sum(-1, keepdim=True))
+    assert (ref.min(-1).values >= p.topk(4, -1).values[:, 3]).all()  # the 3 largest were chosen
+
+
+def test_aux_loss_by_hand():
+    """4 tokens, 3 experts, top-1 then top-2. f_e = C_e / N, P_e = mean prob; aux = E/k sum f P."""
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.15, 0.8, 0.05], [0.25, 0.15, 0.6]])  # no ties
+    logits = probs.log()
+    xs = torch.eye(4)  # (N=4, D=4) one-hot tokens
+    W = logits.t().contiguous()  # (E=3, D=4): token t's router logits are column t
+    for k, counts in [(1, [2, 1, 1]), (2, [4, 3, 1])]:
+        _, p, _, top_i = route(xs, W, k)
+        torch.testing.assert_close(p, probs)
+        c = torch.bincount(top_i.reshape(-1), minlength=3).float()
+        assert c.tolist() == counts
+        stats = [(c, p.sum(0), torch.logsumexp(logits, -1).pow(2).sum())]
+        aux, z = moe_losses(stats, 3, k)
+        P = [0.425, 0.3625, 0.2125]  # column means of probs
+        want = 3 / k * sum(counts[e] / 4 * P[e] for e in range(3))  # k=1: 3 * 0.35625; k=2: 1.5 * 0.75
+        assert aux.item() == pytest.approx(want, rel=1e-6)
+        assert want == pytest.approx({1: 1.06875, 2: 1.125}[k])
+        assert z.item() == pytest.approx(0.0, abs=1e-6)  # rows of probs sum to 1: logsumexp(log p) = 0
+    # uniform routing gives exactly 1 whatever E and k: 8 experts, top 2, 6 tokens
+    stats = [(torch.full((8,), 6 * 2 / 8), torch.full((8,), 6 / 8), torch.tensor(0.0))]
+    assert moe_losses(stats, 8, 2)[0].item() == pytest.approx(1.0)
+
+
+def test_aux_loss_shares_add_up_to_the_global_batch():
+    """Two shards with all-reduced counts and the global N: their shares sum to the aux loss of the union, and
+    so do the gradients (what makes the loss independent of the worker count)."""
+    m = moe_block()
+    x = torch.randn(2, 10, 16)
+    _, whole = m(x)
+    aux_whole, z_whole = moe_losses([whole], 6, 2)
+    shards = [m(x[i:i + 1])[1] for i in range(2)]
+    C = shards[0][0] + shards[1][0]  # the all-reduce
+    parts = [moe_losses([s], 6, 2, counts=C[None], num_tokens=20) for s in shards]
+    torch.testing.assert_close(sum(a for a, _ in parts), aux_whole)
+    torch.testing.assert_close(sum(z for _, z in parts), z_whole)
+    ga = torch.autograd.grad(aux_whole, m.router.weight)[0]
+    gb = torch.autograd.grad(sum(a for a, _ in parts), m.router.weight)[0]
+    torch.testing.assert_close(ga, gb)
+
+
+def tiny_moe(vocab=97, **kw):
+    cfg = resolve_model_config(ModelConfig(**{**SMALL, **kw}), vocab_size=vocab)
+    torch.manual_seed(0)
+    m = Transformer(cfg)
+    m.init_weights(0.05)
+    return m.eval()
+
+
+def test_bag_of_identical_tokens_equals_the_token_moe():
+    m = tiny_moe()
+    ids = torch.randint(0, 97, (2, 16))
+    tgt = torch.randint(0, 97, (2, 16))
+    bags = ids[..., None].expand(2, 16, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(m(bags), m(ids), rtol=1e-5, atol=1e-5)
+        m.train()  # training mode: the loss includes the aux loss; the bag routes like its token
+        plain = m(ids, tgt)
+        parts_plain = dict(m.moe_last)
+        bagged = m(bags, tgt[..., None].expand(2, 16, 4))
+    torch.testing.assert_close(bagged, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m.moe_last["aux"], parts_plain["aux"], rtol=1e-5, atol=1e-6)
+    assert torch.equal(m.moe_last["counts"], parts_plain["counts"])
+
+
+def test_training_loss_is_lm_plus_weighted_aux_and_eval_is_lm_only():
+    m = tiny_moe(router_aux_loss_coef=0.5, router_z_loss_coef=0.25)
+    ids, tgt = torch.randint(0, 97, (2, 12)), torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        lm = m(ids, tgt)  # eval mode: the next-token loss alone
+        logits = m(ids)
+        torch.testing.assert_close(lm, F.cross_entropy(logits.reshape(-1, 97), tgt.reshape(-1)), rtol=1e-5, atol=1e-6)
+        m.train()
+        total = m(ids, tgt)
+    p = m.moe_last
+    torch.testing.assert_close(p["lm"], lm)
+    torch.testing.assert_close(total, lm + 0.5 * p["aux"] + 0.25 * p["z"])
+    assert p["counts"].shape == (2, 4) and p["counts"].sum().item() == 2 * 2 * 24  # layers, E; N*k per layer
+    assert 1.0 <= p["aux"].item() < 4.0 and p["z"].item() > 0  # >= 1 (= uniform), at most E/k... (loose)
+
+
+def test_moe_backward_reaches_every_parameter_and_kv_cache_matches():
+    m = tiny_moe().train()
+    m(torch.randint(0, 97, (2, 8, 2)), torch.randint(0, 97, (2, 8, 2))).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+    assert m.layers[0].attention.q_norm.weight.grad.abs().max() > 0
+    m.eval()
+    ids = torch.randint(0, 97, (1, 12))
+    with torch.no_grad():
+        full = m(ids)
+        cache = m.new_cache(1, 12)
+        parts = [m(ids[:, :7], cache=cache, start_pos=0)] + [m(ids[:, t:t + 1], cache=cache, start_pos=t)
+                                                           for t in range(7, 12)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_moe_every_and_validation():
+    cfg = resolve_model_config(ModelConfig(**{**SMALL, "num_layers": 4, "moe_every": 2}), 97)
+    m = Transformer(cfg)
+    assert [b.is_moe for b in m.layers] == [False, True, False, True]  # Qwen3's decoder_sparse_step rule
+    with pytest.raises(ConfigError, match="experts_per_token"):
+        resolve_model_config(ModelConfig(**{**SMALL, "experts_per_token": 5}), 97)
+    assert not resolve_model_config(ModelConfig(preset="tiny"), 97).qk_norm  # dense presets: plain Llama
+    assert resolve_model_config(ModelConfig(preset="tiny-moe"), 97).qk_norm
+
+
+def _meta(preset):
+    cfg = resolve_model_config(ModelConfig(preset=preset), None)
+    with torch.device("meta"):
+        return Transformer(cfg), cfg
+
+
+def _moe_formula(c):
+    d, hd = c.hidden_size, c.hidden_size // c.num_heads
+    attn = d * hd * (2 * c.num_heads + 2 * c.num_kv_heads) + 2 * hd * c.qk_norm + 2 * d  # + QK-norms + 2 norms
+    expert = 3 * d * c.moe_intermediate_size
+    total = c.num_layers * (attn + d * c.num_experts + c.num_experts * expert) + d
+    active = c.num_layers * (attn + d * c.num_experts + c.experts_per_token * expert) + d
+    return total, active, c.vocab_size * d
+
+
+@pytest.mark.parametrize("preset", ["tiny-moe", "10B-A1B"])
+def test_moe_param_counts(preset):
+    m, c = _meta(preset)
+    total, active, emb = _moe_formula(c)
+    assert m.num_params(exclude_embedding=True) == total
+    assert m.num_active_params(exclude_embedding=True) == active
+    assert m.num_params() == total + 2 * emb
+    assert m.flops_per_position(2048) == 6 * (active + emb) + 6 * c.num_layers * c.hidden_size * 2048
+
+
+def test_moe_preset_totals():
+    big, c = _meta("10B-A1B")
+    assert big.num_params() == 10_361_051_136  # "10B"
+    assert big.num_active_params() == 1_301_354_496  # with both embedding matrices
+    assert big.num_active_params(exclude_embedding=True) + c.hidden_size * c.vocab_size == 1_038_686_208  # "A1B"
+    tiny, _ = _meta("tiny")
+    tm, _ = _meta("tiny-moe")
+    # equal active FLOPs per position (within the routers' and QK-norms' 0.3%)
+    assert tm.flops_per_position(128) / tiny.flops_per_position(128) == pytest.approx(1.0, abs=0.004)
+    assert tm.num_params() > 1.9 * tiny.num_params()
+
+
+def test_matches_transformers_qwen3_moe_block():
+    """Our MoE block and attention against transformers' own Qwen3-MoE modules with the same weights."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.qwen3_moe import modeling_qwen3_moe as q
+
+    m = moe_block()
+    hf_cfg = transformers.Qwen3MoeConfig(hidden_size=16, num_experts=6, num_experts_per_tok=2,
+                                         moe_intermediate_size=12, norm_topk_prob=True, num_attention_heads=4,
+                                         num_key_value_heads=2, head_dim=4)
+    hf = q.Qwen3MoeSparseMoeBlock(hf_cfg)
+    with torch.no_grad():
+        hf.gate.weight.copy_(m.router.weight)
+        hf.experts.gate_up_proj.copy_(torch.cat([m.w1, m.w3], dim=1))
+        hf.experts.down_proj.copy_(m.w2)
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x)[0], hf(x), rtol=1e-5, atol=1e-6)
