@@ -74,15 +74,21 @@ class DataConfig:
     eos_token: Optional[str] = None  # a tokenizer.json's end-of-document token; None: <|endoftext|>, </s>, ...
     tokenizer_train_bytes: int = 200_000_000  # bpe:N trains on at most this much train-split text
     max_epochs: Optional[int] = None  # passes over a small corpus a run may make; None: as many as needed
-    prefetch_steps: int = 2  # steps each worker requests ahead of the one it trains on
-    cache_tokens: bool = True  # memory mode: cache the tokenized corpus under <output_dir>/tokens
+    prefetch_steps: int = 2  # steps each worker reads ahead of the one it trains on (a background thread)
     s3_endpoint: Optional[str] = None  # e.g. http://127.0.0.1:5000 (else $AWS_ENDPOINT_URL, else AWS)
-    # Ray mode: resources of the Ray Data read tasks, tokenizer actors and the ordered dealer actor;
-    # actor_resources (e.g. {"data_node": 0.001}) pins them to CPU nodes of a cluster.
+    # The token store (pipeline/data/store.py): the corpus tokenized once into shards + index, shared by every
+    # run and trial on the same data. None: <run.output_dir>/stores; multi-node runs need s3://, gs:// or a
+    # shared filesystem (then set store_shared=true).
+    store: Optional[str] = None
+    store_shared: bool = False  # a local-path store on a filesystem every node mounts (NFS, Lustre, ...)
+    shard_tokens: int = 1 << 24  # tokens per shard (16M = 32 MB as uint16); part of the store's id
+    verify_checksums: bool = True  # sha256 of each local shard at its first read in a process
+    writer_timeout_s: float = 120.0  # a store writer silent this long is dead: readers fail, preparers take over
+    read_block_mb: float = 8.0  # object stores: ranged-read block size (sequential read-ahead)
+    # Ray mode prepare: resources of the Ray Data read tasks and tokenizer actors; actor_resources
+    # (e.g. {"data_node": 0.001}) pins them to CPU nodes of a cluster.
     read_cpus: float = 0.5
     tokenize_actor_cpus: float = 1.0
-    dealer_cpus: float = 0.25
-    dealer_cache_mb: float = 256.0  # a corpus whose tokens fit is kept by the dealer after one pass (later epochs)
     actor_resources: dict = field(default_factory=dict)
 
 

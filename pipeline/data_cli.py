@@ -1,6 +1,7 @@
 """`tst data inspect`, `tst tokenizer train`, `tst data build-corpus`.
 
-    tst data inspect --config recipes/tiny.yaml [key=value ...]   # what the model will read
+    tst data prepare --config recipes/tiny.yaml [--no-ray] [key=value ...]   # tokenize once into the token store
+    tst data inspect --config recipes/tiny.yaml [key=value ...]   # what the model will read (from the store)
     tst tokenizer train --config recipes/tiny.yaml --vocab-size 8192 [--out tok.json]
     tst data build-corpus --out data/bench100 [--mb 100] [--no-debian]
 
@@ -19,8 +20,17 @@ def register(subparsers) -> None:
     dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
     data.set_defaults(func=lambda a: (data.print_help(), 2)[1])
 
+    prep = dsub.add_parser("prepare", help="tokenize the corpus once into the token store (Ray Data job)")
+    prep.add_argument("--config", help="recipe YAML (default: built-in defaults)")
+    prep.add_argument("--no-ray", action="store_true", help="prepare in this process instead of a Ray Data job "
+                      "(same bytes)")
+    prep.add_argument("--verify", action="store_true", help="then read every shard and check its sha256")
+    prep.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. data.source=corpus/")
+    prep.set_defaults(func=cmd_prepare)
+
     ins = dsub.add_parser("inspect", help="documents, tokens, windows per phase, skipped items, a sample window")
     ins.add_argument("--config", help="recipe YAML (default: built-in defaults)")
+    ins.add_argument("--no-ray", action="store_true", help="if the store is missing, prepare it in this process")
     ins.add_argument("--max-bags", type=int, default=48, help="bags of the sample window to print (default 48)")
     ins.add_argument("--json", action="store_true", help="print the numbers as JSON instead of text")
     ins.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. data.bag_size=6")
@@ -59,13 +69,79 @@ def mark_bags(tok, window, s: int, max_bags: int) -> str:
     return "".join(parts) + more + "  targets' tail: [" + tok.decode(tail).replace("\n", "\\n") + "]"
 
 
-def inspect(cfg, max_bags: int = 48) -> dict:
+def _store_mode(cfg, tok, no_ray: bool) -> str:
+    """"ray" (starting a local Ray, or joining $RAY_ADDRESS) only when the store must be prepared and --no-ray is off."""
+    from pipeline.data import plan_store
+    from pipeline.data.store import INDEX
+
+    if no_ray:
+        return "local"
+    storage, _, _ = plan_store(cfg.data, tok, cfg.run.output_dir)
+    if storage.exists(INDEX):
+        return "local"
+    from pipeline.ray_train import ensure_ray
+
+    ensure_ray(cfg)
+    return "ray"
+
+
+def prepare(cfg, no_ray: bool = False, verify: bool = False) -> dict:
+    """Build (or find) the token store of this config; returns what `tst data prepare` prints."""
+    import time
+
+    from pipeline.data import ensure_store
+    from pipeline.data.reader import TokenStore
+    from pipeline.tokenizer import load_tokenizer
+
+    out = cfg.run.output_dir
+    tok = load_tokenizer(cfg.data, out)
+    mode = _store_mode(cfg, tok, no_ray)
+    t0 = time.perf_counter()
+    prep = ensure_store(cfg.data, tok, out, mode, wait="complete", console=True)
+    store = TokenStore(prep.uri, cfg.data.s3_endpoint)
+    idx = store.index
+    checked = 0
+    if verify:  # read every shard whole (local or remote) and check its sha256
+        from pipeline.data.store import sha256
+
+        for name in ("train", "val"):
+            for sh in idx["streams"][name]["shards"]:
+                if sha256(store.storage.read(sh["name"] + ".tok")) != sh["sha256"]:
+                    raise SystemExit(f"error: shard {store.storage.uri(sh['name'] + '.tok')} fails its sha256 check; "
+                                     f"delete {prep.uri} and prepare again")
+                checked += 1
+    return {"store": prep.uri, "id": prep.id, "prepared_now": prep.prepared_here, "mode": mode if prep.prepared_here else None,
+            "seconds": round(time.perf_counter() - t0, 2), "dtype": idx["dtype"],
+            "train_tokens": store.tokens("train"), "train_shards": len(idx["streams"]["train"]["shards"]),
+            "val_tokens": store.tokens("val"), "documents": store.documents("train"),
+            "val_documents": store.documents("val"), "stats": idx["stats"], "verified_shards": checked}
+
+
+def cmd_prepare(args) -> int:
+    from pipeline.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    info = prepare(cfg, args.no_ray, args.verify)
+    sk = ", ".join(f"{k} {v}" for k, v in info["stats"]["skipped"].items())
+    how = f"prepared now ({info['mode']}, {info['seconds']}s)" if info["prepared_now"] else "already prepared: reused"
+    print(f"store         {info['store']} ({how})")
+    print(f"train         {info['train_tokens']:,} tokens ({info['dtype']}) in {info['train_shards']} shard(s), "
+          f"{info['documents']:,} documents")
+    print(f"held out      {info['val_tokens']:,} tokens, {info['val_documents']:,} documents")
+    print(f"skipped       {sk}; invalid UTF-8 {info['stats']['invalid_utf8']}; documents with NUL "
+          f"{info['stats'].get('nul_documents', 0)}")
+    if args.verify:
+        print(f"verified      {info['verified_shards']} shard(s): sha256 OK")
+    return 0
+
+
+def inspect(cfg, max_bags: int = 48, no_ray: bool = False) -> dict:
     from pipeline.data import StreamPlan, build_source, list_files
     from pipeline.tokenizer import load_tokenizer
 
     out = cfg.run.output_dir
     tok = load_tokenizer(cfg.data, out)
-    src = build_source(cfg, out, "memory", tokenizer=tok)
+    src = build_source(cfg, out, _store_mode(cfg, tok, no_ray), tokenizer=tok)
     plan: StreamPlan = src.plan
     s, L = cfg.data.bag_size, cfg.data.seq_len
     n = src.corpus_tokens
@@ -73,10 +149,12 @@ def inspect(cfg, max_bags: int = 48) -> dict:
     files = list_files(cfg.data.source, cfg.data)
     sup_steps = plan.switch_step
     info = {
-        "source": cfg.data.source, "files": len(files), "tokenizer": tok.path, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
+        "source": cfg.data.source, "files": len(files), "store": src.uri, "tokenizer": tok.path,
+        "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
         "records": st["records"], "documents": st["documents"], "val_documents": st["val_documents"],
         "skipped": st["skipped"], "invalid_utf8_decoded_with_replacement": st["invalid_utf8"],
-        "train_tokens": n, "val_tokens": int(len(src.val_tokens)),
+        "nul_documents": st.get("nul_documents", 0),
+        "train_tokens": n, "val_tokens": src.store.tokens("val"),
         "windows_per_epoch": {
             "superposition": {"bag_size": s, "window_tokens": s * L + s, "windows": (n - s) // (s * L) if n > s else 0},
             "recovery": {"window_tokens": L + 1, "windows": (n - 1) // L},
@@ -102,7 +180,7 @@ def cmd_inspect(args) -> int:
     from pipeline.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    info = inspect(cfg, args.max_bags)
+    info = inspect(cfg, args.max_bags, args.no_ray)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -110,9 +188,11 @@ def cmd_inspect(args) -> int:
     r = info["run"]
     sk = ", ".join(f"{k} {v}" for k, v in info["skipped"].items())
     print(f"source        {info['source']} ({info['files']} file(s))")
+    print(f"store         {info['store']}")
     print(f"tokenizer     {info['tokenizer']} (vocab {info['vocab_size']}, EOS id {info['eos_id']})")
     print(f"documents     {info['documents']} train, {info['val_documents']} held out ({info['records']} records read)")
-    print(f"skipped       {sk}; invalid UTF-8 decoded with replacement: {info['invalid_utf8_decoded_with_replacement']}")
+    print(f"skipped       {sk}; invalid UTF-8 decoded with replacement: {info['invalid_utf8_decoded_with_replacement']}; "
+          f"documents with NUL: {info['nul_documents']}")
     print(f"tokens        {info['train_tokens']:,} train, {info['val_tokens']:,} held out")
     print(f"windows/epoch superposition (s={w['superposition']['bag_size']}, {w['superposition']['window_tokens']} tokens): "
           f"{w['superposition']['windows']:,}; recovery ({w['recovery']['window_tokens']} tokens): {w['recovery']['windows']:,}")

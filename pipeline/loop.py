@@ -154,6 +154,9 @@ class Trainer:
         self.peak_flops = peak_flops_for(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
         self.per_rank = t.global_batch_size // self.world_size
         self.micro = t.micro_batch_size or self.per_rank
+        self.moe = bool(self.model_cfg.num_experts)  # MoE: aux loss and expert load per logging interval
+        self.moe_step: Optional[dict] = None  # the last step's {"aux", "z", "counts" (n_moe, E) global}
+        self._moe_interval: list[dict] = []  # moe_step of every step since the last log
 
     # -- schedule ---------------------------------------------------------------------------------------------
     def bag_size_at(self, step: int) -> int:
@@ -185,6 +188,7 @@ class Trainer:
             "config": _resolved_config(self.cfg, self.model_cfg),
             "tokenizer": "tokenizer.json",
             "model_params": sum(p.numel() for p in self.model.parameters()),
+            "data_store": getattr(self.source, "store_id", None),  # the tokenized data this run reads
         }
 
     def save(self, metrics: Optional[dict]) -> None:
@@ -204,6 +208,7 @@ class Trainer:
                 return
             meta = load_checkpoint(path, self.model, self.optimizer)
         check_resume_compatible(self.cfg, meta)
+        _check_same_store(self.cfg, meta, getattr(self.source, "store_id", None))
         self.state.step = int(meta["step"])
         self.state.elapsed_s = float(meta.get("elapsed_s", 0.0))
         if self.rank == 0:
@@ -216,28 +221,30 @@ class Trainer:
     def evaluate(self) -> float:
         """Next-token loss on held-out windows (the model is always an ordinary LM, in both phases)."""
         val, val_docs = _split_doc_ids(self.source.val_windows())  # (N, L + 1)
-        n = (val.shape[0] // self.world_size) * self.world_size
+        n = val.shape[0]
         if n == 0:
             return float("nan")
-        per = n // self.world_size
-        mine = val[self.rank * per:(self.rank + 1) * per].to(self.device)
-        mine_docs = None if val_docs is None else val_docs[self.rank * per:(self.rank + 1) * per].to(self.device)
+        # Every held-out window counts, whatever the world size: ranks take ceil(N/W) windows each and the last
+        # ones are padded with windows whose targets are all ignored (they add 0 to the loss and to the count), so
+        # val_loss is the same set and the same value when an elastic run resizes.
+        per = -(-n // self.world_size)
         L = self.cfg.data.seq_len
-        if val_docs is None:
-            count = torch.tensor([float(n * L)], device=self.device)  # every target valid: global count
-        else:  # mask mode: targets across a document boundary are ignored
-            count = torch.zeros(1, device=self.device)
-            for i in range(0, per, self.micro):
-                _, t = make_batch(mine[i:i + self.micro], 1, L, mine_docs[i:i + self.micro])
-                count += (t != -100).sum()
-            _all_reduce(count)
+        lo, hi = min(self.rank * per, n), min((self.rank + 1) * per, n)
+        mine = val[lo:hi]
+        mine_docs = None if val_docs is None else val_docs[lo:hi]
+        inputs_all, targets_all = make_batch(mine, 1, L, mine_docs)  # (k, L), (k, L, 1)
+        pad = per - (hi - lo)
+        if pad:
+            inputs_all = torch.cat([inputs_all, inputs_all.new_zeros((pad, L))])
+            targets_all = torch.cat([targets_all, targets_all.new_full((pad, L, 1), -100)])
+        inputs_all, targets_all = inputs_all.to(self.device), targets_all.to(self.device)
+        count = (targets_all != -100).sum().to(torch.float32).reshape(1)
+        _all_reduce(count)  # the global count of valid held-out targets
         total = torch.zeros((), device=self.device, dtype=torch.float32)
         self.model.eval()
         for i in range(0, per, self.micro):
-            inputs, targets = make_batch(mine[i:i + self.micro], 1, L,
-                                         None if mine_docs is None else mine_docs[i:i + self.micro])
             with self._autocast():
-                total += self.model(inputs, targets, slot_counts=count).float()
+                total += self.model(inputs_all[i:i + self.micro], targets_all[i:i + self.micro], slot_counts=count).float()
         self.model.train()
         return float(_all_reduce(total))
 
@@ -259,6 +266,10 @@ class Trainer:
         _all_reduce(slot_counts)  # global batch counts (design notes)
         weights = self.cfg.train.loss_weights
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
+        moe_kw, moe_sums = {}, None
+        if self.moe:  # the aux loss over the global batch, like slot_counts (pipeline/moe.py)
+            moe_kw = dict(router_counts_reduce=_all_reduce, router_tokens=float(self.cfg.train.global_batch_size * L))
+            moe_sums = [torch.zeros((), device=self.device), torch.zeros((), device=self.device), 0.0]  # aux, z, counts
         n_micro = inputs.shape[0] // self.micro
         from pipeline.parallel import clip_grad_norm, set_gradient_sync
 
@@ -267,10 +278,18 @@ class Trainer:
             set_gradient_sync(self.model, m == n_micro - 1)
             with self._autocast():
                 contrib = self.model(inputs[sl], targets[sl], loss_weights=weights, slot_counts=slot_counts,
-                                     fused_chunk=self.cfg.train.fused_loss_chunk)
+                                     fused_chunk=self.cfg.train.fused_loss_chunk, **moe_kw)
             (contrib * self.world_size).backward()  # FSDP averages over ranks; the global loss is a sum
-            loss_sum += contrib.detach().float()
+            if moe_sums is None:
+                loss_sum += contrib.detach().float()
+            else:  # log the LM loss alone; aux and z separately. counts are already summed over ranks
+                parts = self.model.moe_last
+                loss_sum += parts["lm"].float()
+                moe_sums = [moe_sums[0] + parts["aux"], moe_sums[1] + parts["z"], moe_sums[2] + parts["counts"]]
         loss = _all_reduce(loss_sum)
+        if moe_sums is not None:
+            aux_z = _all_reduce(torch.stack(moe_sums[:2]))
+            self.moe_step = {"aux": float(aux_z[0]), "z": float(aux_z[1]), "counts": moe_sums[2].cpu()}
         grad_norm = clip_grad_norm(self.model, self.cfg.train.grad_clip)
         bad = torch.tensor([0.0 if (torch.isfinite(loss) and torch.isfinite(grad_norm)) else 1.0],
                            device=self.device)
@@ -305,6 +324,8 @@ class Trainer:
             s = self.bag_size_at(step)
             _maybe_inject_failure(step, self.rank)
             loss, gnorm = self.train_step(step, windows)
+            if self.moe_step is not None:
+                self._moe_interval.append(self.moe_step)
             done = step + 1
             self.state.step = done
             if self.device.type == "cuda":
@@ -326,6 +347,7 @@ class Trainer:
             if do_log or do_ckpt:
                 metrics = self._metrics(done, step, loss, gnorm, timer, val_loss if do_eval else None)
                 timer.reset()
+                self._moe_interval = []
             if do_ckpt:
                 self.save(metrics)
             elif do_log:
@@ -381,7 +403,22 @@ class Trainer:
             m["mfu"] = achieved / (self.peak_flops * self.world_size)
         if val_loss is not None:
             m["val_loss"] = val_loss
+        if self._moe_interval:
+            m.update(moe_metrics(self._moe_interval))
         return m
+
+
+def moe_metrics(steps: list[dict]) -> dict:
+    """Per logging interval (the steps since the last log): the mean load-balancing and z losses, and each MoE
+    layer's expert load, the busiest expert's share of the interval's token assignments over the ideal 1/E
+    (1 = perfectly balanced; at most E/k, every token on the same k experts). `expert_load_max`: over layers."""
+    counts = sum(s["counts"] for s in steps)  # (n_moe, E)
+    E = counts.shape[1]
+    load = (counts.max(dim=1).values / counts.sum(dim=1).clamp_min(1) * E).tolist()
+    out = {"moe_aux_loss": sum(s["aux"] for s in steps) / len(steps),
+           "moe_z_loss": sum(s["z"] for s in steps) / len(steps), "expert_load_max": max(load)}
+    out.update({f"expert_load_l{i}": v for i, v in enumerate(load)})
+    return out
 
 
 def _maybe_inject_failure(step: int, rank: int) -> None:
@@ -427,6 +464,18 @@ def check_resume_compatible(cfg: Config, meta: dict) -> None:
     if diff:
         raise ConfigError("cannot resume: the checkpoint belongs to a different run (" + "; ".join(diff) +
                           "); use the saved config, or set run.allow_resume_changes=true to continue anyway")
+
+
+def _check_same_store(cfg: Config, meta: dict, store_id: Optional[str]) -> None:
+    """The data must be the data the checkpoint was trained on: a changed corpus or tokenizer has another store."""
+    from pipeline.config import ConfigError
+
+    saved = meta.get("data_store")
+    if cfg.run.allow_resume_changes or not saved or not store_id or saved == store_id:
+        return
+    raise ConfigError(f"cannot resume: the checkpoint read token store {saved}, but data.source or the tokenizer now "
+                      f"give store {store_id} (the corpus changed); restore the data, or set "
+                      f"run.allow_resume_changes=true to continue on the new data")
 
 
 class LocalReporter:

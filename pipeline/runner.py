@@ -40,14 +40,41 @@ def default_run_name(cfg: Config) -> str:
     return f"{cfg.model.preset}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def prepare_data(cfg: Config, output_dir: str, mode: str):
-    """Tokenizer (trained and cached when `bpe:N`) and the window source; bad input fails here, before workers."""
+def check_inputs(cfg: Config) -> None:
+    """List the data source (and val_source) now: a missing path is a one-line error in a second, before MLflow,
+    Ray or any tokenizing starts."""
+    from pipeline.data import list_files
+
+    list_files(cfg.data.source, cfg.data)
+    if cfg.data.val_source:
+        list_files(cfg.data.val_source, cfg.data)
+
+
+def prepare_data(cfg: Config, output_dir: str, mode: str, wait: str = "complete", console: bool = False):
+    """Tokenizer (trained and cached when `bpe:N`) and the window source over the run's token store (prepared
+    once, by Ray Data in mode "ray" or in-process in mode "local"/"memory"); bad input fails here, before workers.
+    wait="first": return as soon as the store's first shard is committed, the prepare going on behind."""
     from pipeline.data import build_source
     from pipeline.tokenizer import load_tokenizer
 
     tok = load_tokenizer(cfg.data, output_dir)
-    source = build_source(cfg, output_dir, mode=mode)
+    source = build_source(cfg, output_dir, mode=mode, tokenizer=tok, wait=wait, console=console)
     return tok, source
+
+
+def check_store_reachable(cfg: Config, source) -> None:
+    """A local-disk store cannot feed workers on other nodes: refuse it, in one line, on a multi-node cluster."""
+    import ray
+
+    from pipeline.data.store import is_remote
+    from pipeline.errors import DataError
+
+    if is_remote(source.uri) or cfg.data.store_shared:
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1:
+        raise DataError(f"the token store {source.uri} is on this node's local disk, but the cluster has {len(nodes)} "
+                        f"nodes; set data.store to s3://... or gs://... (or a shared filesystem with data.store_shared=true)")
 
 
 def run_training(cfg: Config, *, use_ray: bool = True, name: Optional[str] = None, console: bool = True,
@@ -58,6 +85,7 @@ def run_training(cfg: Config, *, use_ray: bool = True, name: Optional[str] = Non
     `extra_callbacks`: Ray Train `UserCallback`s (Ray mode). `on_metrics(record)`: called with every record the
     Ray-free loop logs (e.g. a Tune trial forwarding `val_loss` to `ray.tune.report`)."""
     validate(cfg)
+    check_inputs(cfg)
     paths = run_paths(cfg, name)
     os.makedirs(paths.run_dir, exist_ok=True)
     with open(os.path.join(paths.run_dir, "config.yaml"), "w") as f:
@@ -77,12 +105,20 @@ def run_training(cfg: Config, *, use_ray: bool = True, name: Optional[str] = Non
         world = max(1, cfg.scaling.num_workers) if use_ray else 1
         tracker.set_tags(environment_tags(world))
 
-    mode = data_mode or ("ray" if use_ray else "memory")
-    if use_ray:
+    mode = data_mode or ("ray" if use_ray else "local")
+    if use_ray or mode == "ray":
         from pipeline.ray_train import ensure_ray
 
-        ensure_ray(cfg)  # the Ray Data source's dealer actor needs a running Ray
-    tok, source = prepare_data(cfg, paths.output_dir, mode)
+        ensure_ray(cfg)  # the prepare (Ray Data) and the TorchTrainer need a running Ray
+    # Training starts once the store's first shard is committed; the prepare (if any) goes on behind it.
+    try:
+        tok, source = prepare_data(cfg, paths.output_dir, mode, wait="first", console=console)
+        if use_ray:
+            check_store_reachable(cfg, source)
+    except BaseException:
+        if tracker is not None:  # never leave the MLflow run RUNNING after bad input
+            tracker.end("FAILED")
+        raise
     if console:
         print(f"[tst] run {paths.name}: {cfg.model.preset} model, T={cfg.train.steps}, "
               f"s={cfg.data.bag_size}, r={cfg.train.switch_fraction}, batch={cfg.train.global_batch_size}x"
@@ -99,9 +135,11 @@ def run_training(cfg: Config, *, use_ray: bool = True, name: Optional[str] = Non
             summary = _fit_local(cfg, paths, source, tok, tracker, console, on_metrics)
         status = "FINISHED" if summary.get("status") == "finished" else "FAILED"
     finally:
+        _close_source(source)
         if tracker is not None:
-            _finish_tracking(tracker, paths, cfg, status)
+            _finish_tracking(tracker, paths, cfg, status, source)
     summary["wall_s"] = time.perf_counter() - t0
+    summary["data"] = data_summary(source)
     summary["run_name"] = paths.name
     summary["run_dir"] = paths.run_dir
     if tracker is not None:
@@ -163,10 +201,40 @@ def _fit_ray(cfg, paths, source, tok, tracker, console, extra_callbacks) -> dict
     return summary
 
 
-def _finish_tracking(tracker, paths, cfg, status: str) -> None:
+def _close_source(source) -> None:
+    """Stop a prepare still running behind a finished run (its committed shards stay; the next prepare resumes)."""
+    try:
+        source.close()
+    except Exception:  # noqa: BLE001 - closing must not hide the run's own outcome
+        pass
+
+
+def data_summary(source) -> dict:
+    """What the data did: the store, its size, and what reading the corpus skipped (summary.json and MLflow)."""
+    try:
+        store = source.store
+        store.refresh()
+        st = store.stats
+        return {"store": source.uri, "complete": store.complete, "train_tokens": store.tokens("train"),
+                "val_tokens": store.tokens("val"), "documents": st.get("documents"),
+                "val_documents": st.get("val_documents"), "records": st.get("records"),
+                "invalid_utf8": st.get("invalid_utf8"), "nul_documents": st.get("nul_documents"),
+                "skipped": st.get("skipped")}
+    except Exception as e:  # noqa: BLE001 - a summary line must not fail a finished run
+        return {"store": getattr(source, "uri", None), "error": str(e)}
+
+
+def _finish_tracking(tracker, paths, cfg, status: str, source=None) -> None:
     from pipeline.metrics import JsonlWriter
     from pipeline.tracking import loss_curve_png
 
+    if source is not None:
+        d = data_summary(source)
+        flat = {f"data_{k}": v for k, v in d.items() if isinstance(v, int) and not isinstance(v, bool)}
+        flat.update({f"data_skipped_{k}": v for k, v in (d.get("skipped") or {}).items()})
+        if flat:
+            tracker.log_metrics(flat, step=0)
+        tracker.set_tags({"tst.data_store": str(d.get("store"))})
     history = JsonlWriter(os.path.join(paths.run_dir, "metrics.jsonl")).read()
     tracker.flush_pending()
     # back-fill anything the server missed while it was away: metrics.jsonl is the record of truth

@@ -91,20 +91,15 @@ def _resume_config(args) -> tuple[Config, str]:
     return cfg, os.path.basename(os.path.normpath(folder))
 
 
-def _corpus_tokens(cfg: Config) -> int:
-    """Training tokens in the corpus (tokenized once in-process and cached), to say how many passes a run made."""
-    from pipeline.data import tokenize_corpus
-    from pipeline.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(cfg.data, cfg.run.output_dir)
-    return len(tokenize_corpus(cfg.data, tok, cfg.run.output_dir)["train"])
+def _corpus_tokens(summary: dict) -> int:
+    """Training tokens of one pass over the corpus, from the run's token store (to say how many passes it made)."""
+    return int((summary.get("data") or {}).get("train_tokens") or 0)
 
 
 def cmd_demo(args) -> int:
     from pipeline.runner import run_training
 
     base = _load(args)
-    corpus_tokens = _corpus_tokens(base)
     runs = {}
     for label, s, r in (("baseline", 1, 0.0), ("tst", args.bag_size, args.switch_fraction)):
         cfg = base.copy()
@@ -112,6 +107,7 @@ def cmd_demo(args) -> int:
         cfg.train.switch_fraction = r
         print(f"\n=== demo: {label} (s={s}, r={r}) ===", flush=True)
         runs[label] = run_training(cfg, use_ray=not args.no_ray and cfg.scaling.num_workers > 0)
+    corpus_tokens = _corpus_tokens(runs["baseline"]) or 1
     print("\n=== demo result (equal FLOPs per step: same model, steps and latent positions per step) ===")
     print(f"corpus: {base.data.source}, {corpus_tokens:,} training tokens")
     print(f"{'run':<10} {'s':>3} {'r':>5} {'final val loss':>15} {'raw tokens':>12} {'passes':>7} {'wall':>7}")

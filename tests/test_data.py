@@ -1,4 +1,5 @@
-"""The in-process data path: sources, the ordered stream, windows of both phases, bad input (no Ray here)."""
+"""The in-process data path: sources, the ordered stream read back from the token store, windows of both phases,
+bad input (no Ray here). Expected streams come from tokenizing the documents directly, not from the store."""
 
 import json
 import os
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.config import Config, apply_overrides
-from pipeline.data import StreamPlan, TokenArraySource, build_source, iter_documents, list_files, new_stats, tokenize_corpus
+from pipeline.data import StreamPlan, build_source, iter_documents, list_files, new_stats
 from pipeline.errors import DataError
 from pipeline.tokenizer import load_tokenizer
 
@@ -34,9 +35,14 @@ def corpus_texts(n=60, seed=0):
     return [" ".join(rng.choice(words, size=int(rng.integers(5, 40)))) + f" doc{i}." for i in range(n)]
 
 
-def expected_stream(src: TokenArraySource, a: int, b: int) -> np.ndarray:
-    n = len(src.tokens)
-    return src.tokens[np.arange(a, b) % n].astype(np.int64)
+def direct_tokens(cfg, out) -> np.ndarray:
+    """The train stream of one epoch tokenized directly: documents in order, each + EOS (no store involved)."""
+    tok = load_tokenizer(cfg.data, out)
+    return tok.encode_documents([t for _, t in iter_documents(cfg.data, "train")])[0]
+
+
+def expected_stream(tokens: np.ndarray, a: int, b: int) -> np.ndarray:
+    return tokens[np.arange(a, b) % len(tokens)].astype(np.int64)
 
 
 def test_plan_offsets_match_schedule():
@@ -49,6 +55,7 @@ def test_plan_offsets_match_schedule():
 def test_windows_have_phase_shapes_and_follow_the_stream(tmp_path):
     cfg = make_cfg(write_jsonl(tmp_path / "c.jsonl", corpus_texts(80)))
     src = build_source(cfg, str(tmp_path / "out"), "memory")
+    toks = direct_tokens(cfg, str(tmp_path / "out"))
     plan = src.plan
     s, L, B = 3, 8, 4
     for t in range(plan.total_steps):
@@ -61,11 +68,11 @@ def test_windows_have_phase_shapes_and_follow_the_stream(tmp_path):
         o = plan.offset(t)
         for k in range(B):  # window k of step t starts at o + k*s_t*L of the stream
             a = o + k * st * L
-            assert np.array_equal(full[k].numpy(), expected_stream(src, a, a + st * L + st))
+            assert np.array_equal(full[k].numpy(), expected_stream(toks, a, a + st * L + st))
     # concatenating every window minus its tail reproduces the stream in order, nothing lost or duplicated
     body = [w[:, : w.shape[1] - (s if t < plan.switch_step else 1)].reshape(-1) for t, w in src.iter_steps(0, 0, 1)]
     got = torch.cat(body).numpy()
-    assert np.array_equal(got, expected_stream(src, 0, plan.offset(plan.total_steps)))
+    assert np.array_equal(got, expected_stream(toks, 0, plan.offset(plan.total_steps)))
 
 
 def test_stream_is_the_tokenized_documents_with_eos_and_epochs_wrap(tmp_path):
@@ -77,12 +84,13 @@ def test_stream_is_the_tokenized_documents_with_eos_and_epochs_wrap(tmp_path):
     expect = []
     for t in texts:
         expect += tok.encode(t) + [tok.eos_id]
-    assert np.array_equal(src.tokens, np.array(expect, dtype=np.int32))
-    assert tok.decode(src.tokens[: len(tok.encode(texts[0]))]) == texts[0]
+    stored = src.store.read("train", 0, src.corpus_tokens).numpy()
+    assert np.array_equal(stored, np.array(expect, dtype=np.int64))
+    assert tok.decode(stored[: len(tok.encode(texts[0]))]) == texts[0]
     assert src.epoch_at(39) > 1.0  # the run wraps around the small corpus
     w = src.step_windows(39, 0, 1)
     a = src.plan.offset(39)
-    assert np.array_equal(w[0].numpy(), expected_stream(src, a, a + w.shape[1]))
+    assert np.array_equal(w[0].numpy(), expected_stream(np.array(expect), a, a + w.shape[1]))
 
 
 def test_val_split_is_held_out_and_never_in_train(tmp_path):
@@ -114,7 +122,7 @@ def test_mask_mode_returns_doc_ids(tmp_path):
     assert all(flat_w[i] == eos for i in changes)
     # later epochs get new document ids (a wrapped document is a different document)
     w29, d29 = src.step_windows(29, 0, 1)
-    assert src.epoch_at(29) > 1 and int(d29.max()) >= src.n_docs
+    assert src.epoch_at(29) > 1 and int(d29.max()) >= src.store.documents("train")
     vw, vd = src.val_windows()
     assert vw.shape == vd.shape
 
@@ -157,12 +165,13 @@ def test_bad_records_are_counted_or_fatal(tmp_path):
             if i == 7:
                 f.write(b'{"text": ""}\n')  # empty document
         f.write(b'{"text": "caf\xe9 latin-1 bytes"}\n')  # invalid UTF-8
+        f.write(json.dumps({"text": "nul \x00 inside"}).encode() + b"\n")  # a NUL character: kept, counted
     cfg = make_cfg(str(p))
-    c = tokenize_corpus(cfg.data, load_tokenizer(cfg.data, str(tmp_path / "out")))
-    sk = c["stats"]["skipped"]
+    stats = build_source(cfg, str(tmp_path / "out"), "memory").stats  # the store's index holds the counts
+    sk = stats["skipped"]
     assert sk["malformed_json"] == 1 and sk["missing_field"] == 1 and sk["empty"] == 1
-    assert c["stats"]["invalid_utf8"] == 1
-    assert c["stats"]["documents"] + c["stats"]["val_documents"] == 31
+    assert stats["invalid_utf8"] == 1 and stats["nul_documents"] == 1
+    assert stats["documents"] + stats["val_documents"] == 32 and stats["records"] == 35
     cfg_fail = make_cfg(str(p), **{"data.on_bad_record": "fail"})
     with pytest.raises(DataError, match=r"bad\.jsonl:5: malformed JSON"):
         list(iter_documents(cfg_fail.data, "train"))

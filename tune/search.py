@@ -49,9 +49,8 @@ Decisions
   local backend the loop's metrics reach Tune through `run_training(on_metrics=...)` (`_tune_reporter`).
 - Resources: trials run concurrently up to what the CPUs (and GPUs) allow: on a local machine the budget is
   the real cores (not Ray's logical CPUs), on a cluster the cluster's CPUs. A trial costs its training CPUs
-  plus its data share: in `data_mode: memory` (default) the corpus is tokenized once on the driver before
-  any trial starts and a trial slices it in its own process (share 0); in `data_mode: ray` each trial's Ray
-  Data read tasks, tokenizer actors and dealer are set aside. Torch intra-op threads per trial are set to the
+  (the token store is prepared once on the driver before any trial starts, by Ray Data with `data_mode:
+  ray`, in-process with `data_mode: memory`; trials only read it, so they have no data share). Torch intra-op threads per trial are set to the
   trial's CPUs so concurrent trials do not oversubscribe (2 cores: two 1-thread trials at a time).
 - MLflow: one parent run for the search (created on the driver) and one child per trial, which is the
   trainer's own run nested through `run.parent_run_id` (no MLflowLoggerCallback, so no second copy). A trial
@@ -543,10 +542,8 @@ def plan_resources(cfg: Config, spec: SearchSpec, backend: str, n_trials: int) -
     # A training process keeps at least one core busy whatever fraction of a logical CPU it reserved (the
     # tiny recipe's workers ask for 0.5 to dodge the 2-core trap), so the budget counts whole cores per worker.
     train_cpus = workers * max(1.0, sc.cpus_per_worker)
-    data_cpus = 0.0
-    if backend == "ray_train" and spec.data_mode == "ray":
-        data_cpus = d.read_cpus + d.num_tokenize_actors * d.tokenize_actor_cpus + d.dealer_cpus
-    per_trial = float(spec.cpus_per_trial or (train_cpus + data_cpus))
+    # The driver prepares the token store before any trial starts; trials only read it (no data share).
+    per_trial = float(spec.cpus_per_trial or train_cpus)
     limit = max(1, int(usable // per_trial + 1e-9))
     if sc.use_gpu:
         gpus = float(cluster.get("GPU", 0.0))
@@ -676,12 +673,13 @@ def run_search(spec: SearchSpec, *, cli_overrides: Optional[list] = None, consol
     if not restoring:
         _refuse_reused_name(base, name, mlflow=False)
     ensure_ray(base)
-    # The data share of the driver: tokenizer (trained when bpe:N) and the tokenized corpus, once, before any
-    # trial starts (trials then load them from the cache instead of racing to build them); bad input fails here.
-    if spec.data_mode == "memory" or backend == "local":
-        from pipeline.runner import prepare_data
+    # The data share of the driver: tokenizer (trained when bpe:N) and the token store, once, before any trial
+    # starts (by Ray Data with data_mode: ray, else in-process); every trial then reads the same store and
+    # tokenizes nothing. Bad input fails here.
+    from pipeline.runner import prepare_data
 
-        prepare_data(base, base.run.output_dir, "memory")
+    prepare_data(base, base.run.output_dir, "ray" if spec.data_mode == "ray" else "local", wait="complete",
+                 console=console)
 
     plan = plan_resources(base, spec, backend, n_trials)
     if base.train.threads is None:

@@ -1,0 +1,39 @@
+"""The data path, laid out along the data's way: files -> records -> prepare -> store -> reader.
+
+    files.py    list a source (file, folder, glob, s3://, gs://, builtin:NAME), read bytes, fingerprint inputs
+    records.py  one file -> records -> rows (train / held out / skipped, with counts); the held-out hash split
+    prepare.py  rows -> tokens (one tokenization loop) -> shards, by Ray Data or in-process, byte-identical
+    store.py    the store's layout, id, atomic commit and preparer's lock, on local disk or object storage
+    reader.py   a rank reads its windows of any step by offset (mmap / ranged reads), the WindowSource
+    plan.py     StreamPlan: which stream offsets each step reads (a pure function of the step)
+    source.py   a run's data: find or prepare its store, open a source over it (`build_source`)
+
+Tokenizing happens once per (source, tokenizer, split settings); every run, resume, retry and Tune trial on the
+same data reads the same store. Names are re-exported lazily so that `pipeline.data.reader` (torch and the
+standard library only) can be imported where numpy, pyarrow or Ray are absent.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "StreamPlan": "plan",
+    "FileEntry": "files", "list_files": "files",
+    "new_stats": "records", "merge_stats": "records", "iter_documents": "records", "iter_file_records": "records",
+    "is_val_document": "records", "iter_rows": "records", "SKIP_REASONS": "records",
+    "tokenize_rows": "prepare", "run_prepare": "prepare",
+    "Storage": "store",
+    "TokenStore": "reader", "StoreSource": "reader", "cut_windows": "reader",
+    "build_source": "source", "ensure_store": "source", "open_source": "source", "plan_store": "source",
+}
+
+
+def __getattr__(name):
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'pipeline.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"pipeline.data.{mod}"), name)
+
+
+__all__ = sorted(_EXPORTS)

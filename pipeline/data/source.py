@@ -1,0 +1,199 @@
+"""A run's data: find (or prepare) the token store for its config, then open a window source over it.
+
+`ensure_store` is what `tst data prepare`, `tst train` and `tst tune` call. It lists the inputs (a missing path
+fails here, in a second, before anything slow), computes the store id, and then: reuses a complete store; else
+takes the preparer's lock and prepares it (resuming from committed shards); else waits for whoever holds the
+lock. With `wait="first"` (what `tst train` does) the prepare runs in a background thread of the driver and
+training starts as soon as the first shard is committed, reading behind the writer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from pipeline.data import store as S
+from pipeline.data.files import list_files
+from pipeline.data.plan import StreamPlan
+from pipeline.data.reader import StoreSource, TokenStore
+from pipeline.errors import DataError
+
+log = logging.getLogger("tst.data")
+
+
+@dataclass
+class Prepared:
+    """A store that exists or is being written by this process (`thread`) or another one."""
+
+    uri: str
+    id: str
+    key: dict
+    prepared_here: bool = False
+    seconds: float = 0.0
+    thread: Optional[threading.Thread] = None
+    stop: threading.Event = field(default_factory=threading.Event)
+    error: Optional[BaseException] = None
+    lock: Optional[S.PrepareLock] = None
+
+    def join(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def detach(self) -> None:
+        """Stop a background prepare at its next batch (what is committed stays; a later prepare resumes)."""
+        if self.thread is not None and self.thread.is_alive():
+            self.stop.set()
+            self.thread.join(timeout=60)
+
+
+def plan_store(data_cfg, tok, output_dir: str):
+    """(storage, key, passes) of the store for this data config and tokenizer; lists the inputs (fast errors)."""
+    from pipeline.data.prepare import _Pass
+    from pipeline.data.records import _position_after
+
+    if int(data_cfg.shard_tokens) < 1:
+        raise DataError(f"data.shard_tokens must be >= 1, got {data_cfg.shard_tokens}")
+    entries = list_files(data_cfg.source, data_cfg)
+    val_entries = list_files(data_cfg.val_source, data_cfg) if data_cfg.val_source else None
+    key = S.store_key(data_cfg, entries, val_entries, S.file_sha256(tok.path), tok.vocab_size)
+    sid = S.store_id(key)
+    storage = S.Storage(f"{S.default_store_root(data_cfg, output_dir)}/{sid}", data_cfg.s3_endpoint)
+    stop = _position_after(data_cfg, entries, data_cfg.max_documents) if data_cfg.max_documents is not None else None
+    passes = [_Pass(entries, False, stop)] + ([_Pass(val_entries, True)] if val_entries else [])
+    return storage, key, passes
+
+
+def ensure_store(data_cfg, tok, output_dir: str = "outputs", mode: str = "local", wait: str = "complete",
+                 console: bool = False) -> Prepared:
+    """The store for (source, tokenizer, split settings), prepared if needed (see the module docstring)."""
+    from pipeline.data.prepare import run_prepare
+
+    if mode not in ("local", "ray"):
+        raise DataError(f"data prepare mode {mode!r} is not 'local' or 'ray'")
+    storage, key, passes = plan_store(data_cfg, tok, output_dir)
+    sid = S.store_id(key)
+    prep = Prepared(storage.uri(), sid, key)
+    lock = S.PrepareLock(storage, stale_s=data_cfg.writer_timeout_s)
+    waiting_said = False
+    while True:
+        idx = storage.read_json(S.INDEX)
+        if idx is not None:
+            if idx.get("key") != key:
+                raise DataError(f"the token store {storage.uri()} holds other data than this config describes; delete it "
+                                f"and prepare again")
+            return prep
+        if lock.try_acquire():
+            break
+        progress = storage.read_json(S.PROGRESS)
+        if wait == "first" and progress and progress["streams"]["train"]["shards"]:
+            return prep  # someone else is writing it: read behind their frontier
+        if not waiting_said:
+            h = lock.holder() or {}
+            msg = (f"data: waiting for the prepare of {storage.uri()} by {h.get('host', '?')} pid {h.get('pid', '?')} "
+                   f"(it will be reused)")
+            log.info(msg)
+            if console:
+                print(f"[tst] {msg[6:]}", flush=True)
+            waiting_said = True
+        time.sleep(0.5)
+
+    prep.prepared_here, prep.lock = True, lock
+    if console:
+        print(f"[tst] data: tokenizing {data_cfg.source} once into the token store {storage.uri()} ({mode})", flush=True)
+    t0 = time.perf_counter()
+
+    def work():
+        try:
+            run_prepare(storage, key, data_cfg, tok, passes, mode, stop_event=prep.stop)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller (join) and logged
+            prep.error = e
+            if wait == "first":
+                log.error("data: the prepare of %s failed: %s", storage.uri(), e)
+        finally:
+            prep.seconds = time.perf_counter() - t0
+            lock.release()
+
+    if wait == "complete":
+        work()
+        if prep.error is not None:
+            raise prep.error
+        return prep
+    prep.thread = threading.Thread(target=work, name="tst-data-prepare", daemon=True)
+    prep.thread.start()
+    while prep.thread.is_alive():
+        progress = storage.read_json(S.PROGRESS)
+        if progress and progress["streams"]["train"]["shards"]:
+            break
+        prep.thread.join(0.2)
+    if prep.error is not None:
+        raise prep.error
+    return prep
+
+
+def check_corpus(stats: dict, n_tokens: int, plan: StreamPlan, source: str) -> None:
+    if stats["documents"] == 0:
+        sk = ", ".join(f"{k}={v}" for k, v in stats["skipped"].items() if v)
+        raise DataError(f"corpus '{source}' has no training documents ({stats['records']} records read"
+                        f"{'; skipped: ' + sk if sk else ''}); point data.source at non-empty text")
+    if n_tokens < plan.max_window_len():
+        raise DataError(
+            f"corpus '{source}' has {n_tokens} training tokens, fewer than one window ({plan.max_window_len()} = s*L+s); "
+            f"add data or lower data.seq_len / data.bag_size"
+        )
+
+
+def build_source(cfg, output_dir: str = "outputs", mode: str = "local", tokenizer=None, wait: str = "complete",
+                 console: bool = False) -> StoreSource:
+    """The window source of a run: its token store (prepared once, shared by every run on the same data) read by
+    offset. mode: how a missing store is prepared ("ray": a Ray Data job, needs ray.init(); "local": in-process;
+    "memory" is accepted as "local"). wait: "complete", or "first" to return once the first shard is committed.
+    Input errors (missing path, empty corpus, corpus smaller than one window) raise DataError here, on the driver.
+    """
+    plan = StreamPlan.from_config(cfg)
+    d = cfg.data
+    if d.doc_boundary not in ("cross", "mask"):
+        raise DataError(f"data.doc_boundary must be 'cross' or 'mask', got {d.doc_boundary!r}")
+    plan._check_rank(0, max(1, cfg.scaling.num_workers))
+    from pipeline.tokenizer import load_tokenizer
+
+    tok = tokenizer or load_tokenizer(d, output_dir)
+    prep = ensure_store(d, tok, output_dir, "local" if mode == "memory" else mode, wait=wait, console=console)
+    src = StoreSource(prep.uri, plan, d.doc_boundary, s3_endpoint=d.s3_endpoint, tokenizer_path=tok.path,
+                      store_id=prep.id, verify=d.verify_checksums, writer_timeout_s=d.writer_timeout_s,
+                      read_block_mb=d.read_block_mb)
+    src._prepare = prep
+    store = src.store
+    if store.complete:
+        check_corpus(store.stats, store.tokens("train"), plan, d.source)
+        _log_plan(src, plan, d)
+    else:
+        log.info("data: training starts while %s is still being written (%d train tokens committed so far)",
+                 prep.uri, store.tokens("train"))
+    return src
+
+
+def _log_plan(src: StoreSource, plan: StreamPlan, d) -> None:
+    n = src.corpus_tokens
+    need = plan.tokens_needed()
+    epochs = need / n
+    log.info("data: %d train tokens, run reads %d tokens = %.2f epoch(s)", n, need, epochs)
+    if d.max_epochs is not None and epochs > d.max_epochs:
+        raise DataError(
+            f"the run reads {need} tokens = {epochs:.2f} epochs of a {n}-token corpus, more than data.max_epochs="
+            f"{d.max_epochs}; add data, lower train.steps, or raise data.max_epochs"
+        )
+    if epochs > 1:
+        log.warning("data: the run makes %.2f passes over the corpus (TST reads s times more data per step)", epochs)
+
+
+def open_source(uri: str, plan: StreamPlan, doc_boundary: str = "cross", **kw) -> StoreSource:
+    """A window source over an existing store (e.g. the GPU check, or a store prepared elsewhere)."""
+    src = StoreSource(uri, plan, doc_boundary, **kw)
+    TokenStore(uri, kw.get("s3_endpoint"))  # fails now, in one line, when there is no store there
+    return src
