@@ -242,3 +242,147 @@ def test_matches_transformers_qwen3_moe_block():
     x = torch.randn(3, 5, 16)
     with torch.no_grad():
         torch.testing.assert_close(m(x)[0], hf(x), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The training loop: aux loss and expert load in both phases, exact resume, 2 FSDP2 workers under Ray Train
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class StreamSource:
+    """A WindowSource over a fixed token stream (docs/interfaces.md's data contract), so these tests exercise the
+    trainer without the data pipeline: step t's global batch starts at raw_tokens_before(t); rank w of W takes
+    windows [w B/W, (w+1) B/W)."""
+
+    def __init__(self, stream, cfg):
+        self.stream, self.t, self.s, self.L = stream, cfg.train, cfg.data.bag_size, cfg.data.seq_len
+
+    def step_windows(self, step, rank, world_size):
+        from tst_ops import schedule
+
+        t, L = self.t, self.L
+        r = t.switch_fraction if self.s > 1 else 0.0
+        s = schedule.bag_size_at(step, t.steps, r, self.s)
+        o = schedule.raw_tokens_before(step, t.steps, r, self.s, t.global_batch_size * L)
+        per = t.global_batch_size // world_size
+        rows = [(o + k * s * L) % (len(self.stream) - s * L - s) for k in range(rank * per, (rank + 1) * per)]
+        return torch.stack([self.stream[i:i + s * L + s] for i in rows])  # (B/W, s*L + s)
+
+    def iter_steps(self, start, rank, world_size):
+        for step in range(start, self.t.steps):
+            yield step, self.step_windows(step, rank, world_size)
+
+    def val_windows(self):
+        return torch.stack([self.stream[i * 40:i * 40 + self.L + 1] for i in range(4)])  # (4, L + 1)
+
+    def epoch_at(self, step):
+        return 0.0
+
+
+LOOP = ["model.preset=tiny-moe", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=4",
+        "model.num_kv_heads=2", "model.num_experts=4", "model.experts_per_token=2", "model.moe_intermediate_size=24",
+        "model.router_aux_loss_coef=0.1", "model.router_z_loss_coef=0.01",
+        "data.seq_len=16", "data.bag_size=4", "train.switch_fraction=0.5", "train.steps=8",
+        "train.global_batch_size=4", "train.warmup_steps=1", "train.lr=3e-3", "train.log_every=1",
+        "train.eval_every=4", "train.checkpoint_every=4", "train.keep_checkpoints=5", "run.tracking=false",
+        "scaling.num_workers=2", "scaling.cpus_per_worker=0.5"]
+VOCAB = 128
+
+
+def loop_cfg(*extra):
+    from pipeline.config import Config, apply_overrides
+
+    return apply_overrides(Config(), LOOP + list(extra))
+
+
+def stream():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(0, VOCAB, (64,), generator=g)
+    return torch.cat([base[torch.randperm(64, generator=g)[:48]] for _ in range(60)])  # repetitive: learnable
+
+
+def run_local(cfg, run_dir):
+    from pipeline.loop import LocalReporter, Trainer
+    from pipeline.metrics import MetricsSink
+
+    sink = MetricsSink(run_dir, cfg.train.steps, console=False)
+    tr = Trainer(cfg, StreamSource(stream(), cfg), LocalReporter(run_dir, sink, keep=5), vocab_size=VOCAB)
+    summary = tr.run()
+    return summary, [r for r in sink.history if r.get("kind") != "final"], tr
+
+
+def test_loop_logs_aux_and_expert_load_in_both_phases_and_resumes_exactly(tmp_path):
+    import os
+    import shutil
+
+    cfg = loop_cfg()
+    summary, recs, tr = run_local(cfg, str(tmp_path / "full"))
+    assert summary["status"] == "finished" and [r["phase"] for r in recs].count("superposition") == 4
+    for r in recs:  # every logged step, both phases
+        assert 1.0 <= r["moe_aux_loss"] < 2.0 and r["moe_z_loss"] > 0
+        assert 1.0 <= r["expert_load_l0"] <= 2.0 and 1.0 <= r["expert_load_l1"] <= 2.0  # between 1 and E/k
+        assert r["expert_load_max"] == max(r["expert_load_l0"], r["expert_load_l1"])
+    # train_loss is the LM loss alone; FLOPs count active parameters only
+    m = tr.model
+    assert tr.flops_per_position == 6 * (m.num_active_params(True) + 32 * VOCAB) + 6 * 2 * 32 * 16
+    assert m.num_active_params() < m.num_params()
+    # exact resume from the step-4 checkpoint (the switch): same losses, aux losses and expert loads, bitwise
+    os.makedirs(tmp_path / "resumed" / "checkpoints")
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_00000004",
+                    tmp_path / "resumed" / "checkpoints" / "step_00000004")
+    _, resumed, _ = run_local(cfg, str(tmp_path / "resumed"))
+    assert [r["step"] for r in resumed] == [5, 6, 7, 8]
+    for a, b in zip(recs[4:], resumed):
+        for k in ("train_loss", "moe_aux_loss", "moe_z_loss", "expert_load_l0", "expert_load_l1"):
+            assert a[k] == b[k], (a["step"], k)
+
+
+def test_train_step_aux_matches_the_model_on_the_whole_batch(tmp_path):
+    """The loop's step (counts reduced, global N) gives the aux loss of the whole batch in one forward."""
+    from pipeline.loop import make_batch
+
+    cfg = loop_cfg()
+    _, _, tr = run_local(loop_cfg("train.steps=1", "train.switch_fraction=1.0"), str(tmp_path))
+    src = StreamSource(stream(), cfg)
+    windows = src.step_windows(0, 0, 1)
+    inputs, targets = make_batch(windows, 4, 16)
+    tr.model.train()
+    with torch.no_grad():
+        tr.model(inputs, targets)
+    want = dict(tr.model.moe_last)
+    tr.train_step(0, windows)
+    assert tr.moe_step["aux"] == pytest.approx(want["aux"].item(), rel=1e-6)
+    assert torch.equal(tr.moe_step["counts"], want["counts"])
+
+
+def test_two_fsdp_workers_under_ray_train_equal_the_ray_free_step(tmp_path, ray_session):
+    """One superposition step of tiny-moe: TorchTrainer with 2 gloo FSDP2 workers (experts sharded along the
+    expert dimension) vs the Ray-free loop: the same LM loss, aux loss, expert counts and updated weights."""
+    import os
+    import sys
+
+    import ray.cloudpickle
+
+    from pipeline.checkpoint import load_model_state
+    from pipeline.metrics import JsonlWriter
+    from pipeline.ray_train import build_trainer
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+    cfg = loop_cfg("train.steps=1", "train.switch_fraction=1.0", "train.checkpoint_every=1")
+    _, plain, _ = run_local(cfg, str(tmp_path / "plain"))
+    run_dir = str(tmp_path / "runs" / "ray")
+    build_trainer(cfg, source=StreamSource(stream(), cfg), vocab_size=VOCAB, tokenizer_json=None, run_name="ray",
+                  run_dir=run_dir, storage_path=str(tmp_path / "runs"), tracking_uri=None, mlflow_run_id=None,
+                  console=False).fit()
+    ray_rec = [r for r in JsonlWriter(os.path.join(run_dir, "metrics.jsonl")).read() if r.get("kind") != "final"][0]
+    assert ray_rec["world_size"] == 2
+    for k in ("train_loss", "moe_aux_loss", "moe_z_loss"):
+        assert ray_rec[k] == pytest.approx(plain[0][k], rel=1e-5, abs=1e-7), k
+    for k in ("expert_load_l0", "expert_load_l1"):
+        assert ray_rec[k] == plain[0][k], k  # integer counts: exactly the same routing
+    sd_plain, _ = load_model_state(str(tmp_path / "plain" / "checkpoints" / "step_00000001"))
+    sd_ray, meta = load_model_state(os.path.join(run_dir, "step_00000001"))
+    assert meta["world_size"] == 2 and sd_plain.keys() == sd_ray.keys()
+    assert "layers.0.feed_forward.w1" in sd_ray
+    for k in sd_plain:
+        torch.testing.assert_close(sd_ray[k], sd_plain[k], rtol=1e-5, atol=1e-6, msg=k)
