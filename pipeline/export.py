@@ -11,6 +11,13 @@ pretrained one. `pipeline.model.Transformer` mirrors `transformers.LlamaForCausa
      Qwen3/SmolLM3-sized ones: no QK-norm, RoPE in every layer, untied embeddings), `generation_config.json`,
      and the tokenizer (`tokenizer.json` + `tokenizer_config.json` for `PreTrainedTokenizerFast`), so that
      `AutoModelForCausalLM.from_pretrained(OUT)` and `AutoTokenizer.from_pretrained(OUT)` just work.
+MoE models (`model.num_experts > 0`, pipeline/moe.py) export as `Qwen3MoeForCausalLM` (model_type qwen3_moe,
+norm_topk_prob true, QK-norm, decoder_sparse_step = model.moe_every, no shared expert), with the on-disk key
+layout of the published Qwen3-MoE checkpoints: `model.layers.{i}.mlp.gate.weight` (E, D) for the router and one
+matrix per expert, `model.layers.{i}.mlp.experts.{j}.{gate_proj,up_proj,down_proj}.weight`; attention adds
+`self_attn.{q,k}_norm.weight` (head_dim,). transformers 4.x reads that layout as it is; 5.x (checked with 5.24.0
+in tests/test_moe.py: logits and greedy tokens) merges it on load into `mlp.experts.gate_up_proj` (E, 2I, D) and
+`mlp.experts.down_proj` (E, D, I).
 A checkpoint from the superposition phase exports too, with a warning: it predicts bags, not next tokens, until
 the recovery phase has run (paper: r = 1 gives next-token loss 4.6-6.5).
 
@@ -24,6 +31,7 @@ model fields, "tokenizer": "tokenizer.json"}) and the tokenizer file; a run fold
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -86,13 +94,23 @@ def _model_config_from_hf(hf: dict):
     from pipeline.errors import TSTError
 
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if hf.get("model_type", "llama") != "llama" or rope.get("rope_type", rope.get("type", "default")) != "default":
+    kind = hf.get("model_type", "llama")
+    if kind not in ("llama", "qwen3_moe") or rope.get("rope_type", rope.get("type", "default")) != "default":
         raise TSTError(
-            f"only plain Llama exports load here (model_type llama, default RoPE); got model_type "
-            f"{hf.get('model_type')!r}, rope {rope}"
+            f"only plain Llama and Qwen3-MoE exports load here (model_type llama or qwen3_moe, default RoPE); got "
+            f"model_type {hf.get('model_type')!r}, rope {rope}"
         )
     theta = hf.get("rope_theta") or rope.get("rope_theta", 10000.0)
-    return ModelConfig(
+    moe = {}
+    if kind == "qwen3_moe":
+        if hf.get("mlp_only_layers") or not hf.get("norm_topk_prob") or hf.get("use_sliding_window"):
+            raise TSTError("only Qwen3-MoE exports with norm_topk_prob, no mlp_only_layers and no sliding window "
+                           "load here (what tst export writes)")
+        moe = dict(num_experts=hf["num_experts"], experts_per_token=hf["num_experts_per_tok"],
+                   moe_intermediate_size=hf["moe_intermediate_size"], moe_every=hf.get("decoder_sparse_step", 1),
+                   router_aux_loss_coef=float(hf.get("tst_router_aux_loss_coef", 0.0)),
+                   router_z_loss_coef=float(hf.get("tst_router_z_loss_coef", 0.0)), qk_norm=True)
+    return ModelConfig(**moe,
         preset=hf.get("tst_preset", "tiny"),
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
@@ -168,8 +186,15 @@ def _special_ids(tokenizer_json: str) -> dict:
 
 
 def hf_config(cfg, special: dict, dtype: torch.dtype) -> dict:
-    """config.json of the matching transformers architecture (LlamaForCausalLM). Written for transformers 4.x
-    (`rope_theta`, `rope_scaling`) and 5.x (`rope_parameters`) alike."""
+    """config.json of the matching transformers architecture (LlamaForCausalLM, or Qwen3MoeForCausalLM for an
+    MoE). Written for transformers 4.x (`rope_theta`, `rope_scaling`) and 5.x (`rope_parameters`) alike."""
+    if cfg.num_experts:
+        return qwen3_moe_config(cfg, special, dtype)
+    if cfg.qk_norm:
+        from pipeline.errors import TSTError
+
+        raise TSTError("a dense model with model.qk_norm=true has no Llama export (Llama has no QK-norm); "
+                       "exports cover the dense Llama presets and the Qwen3-MoE ones")
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -200,6 +225,33 @@ def hf_config(cfg, special: dict, dtype: torch.dtype) -> dict:
         "dtype": str(dtype).replace("torch.", ""),
         "tst_preset": cfg.preset,
     }
+
+
+def qwen3_moe_config(cfg, special: dict, dtype: torch.dtype) -> dict:
+    """config.json for Qwen3MoeForCausalLM: our MoE is Qwen3-MoE with norm_topk_prob, QK-norm, untied
+    embeddings, full attention in every layer (no sliding window) and MoE layers every `moe_every`."""
+    out = hf_config(dataclasses.replace(cfg, num_experts=0, qk_norm=False), special, dtype)
+    for k in ("mlp_bias", "pretraining_tp"):
+        out.pop(k)
+    out.update({
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "num_experts": cfg.num_experts,
+        "num_experts_per_tok": cfg.experts_per_token,
+        "moe_intermediate_size": cfg.moe_intermediate_size,
+        "decoder_sparse_step": cfg.moe_every,
+        "mlp_only_layers": [],
+        "norm_topk_prob": True,
+        "output_router_logits": False,
+        # HF's load_balancing_loss_func is k times ours (and pools layers): the same pressure as ours needs coef / k
+        "router_aux_loss_coef": cfg.router_aux_loss_coef / cfg.experts_per_token,
+        "tst_router_aux_loss_coef": cfg.router_aux_loss_coef,
+        "tst_router_z_loss_coef": cfg.router_z_loss_coef,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": cfg.num_layers,
+    })
+    return out
 
 
 def _parse_size(s) -> int:

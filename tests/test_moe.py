@@ -386,3 +386,82 @@ def test_two_fsdp_workers_under_ray_train_equal_the_ray_free_step(tmp_path, ray_
     assert "layers.0.feed_forward.w1" in sd_ray
     for k in sd_plain:
         torch.testing.assert_close(sd_ray[k], sd_plain[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Export: a trained tiny-moe checkpoint -> Qwen3MoeForCausalLM folder that transformers loads
+# ---------------------------------------------------------------------------------------------------------------
+
+from test_export import cli, corpus, write_meta  # noqa: E402,F401  (corpus: the module-scoped wiki/BPE fixture)
+
+
+@pytest.fixture(scope="module")
+def trained_moe(corpus, tmp_path_factory):
+    """tiny-moe (hidden 64) trained 10 superposition (s = 3) + 20 recovery steps on Wikipedia text."""
+    import warnings
+
+    from pipeline.checkpoint import save_checkpoint
+    from test_export import batch
+
+    cfg = resolve_model_config(ModelConfig(preset="tiny-moe", hidden_size=64, num_layers=2, moe_intermediate_size=48),
+                               vocab_size=corpus["tok"].get_vocab_size())
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    model.init_weights()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(30):
+        x, y = batch(corpus["stream"], step, 0, 3 if step < 10 else 1)
+        loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    run = tmp_path_factory.mktemp("moe_run")
+    path = str(run / "checkpoints" / "step_00000030")
+    meta = write_meta(tmp_path_factory.mktemp("m"), cfg, 30, "recovery", "done")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        save_checkpoint(path, model, opt, meta, rank=0, tokenizer_path=corpus["tok_path"])
+    return {"model": model.eval(), "ckpt": path, "cfg": cfg}
+
+
+def test_export_moe_matches_transformers_logits_and_greedy_tokens(trained_moe, corpus, tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    from pipeline.export import generate_text, load_model
+
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "hf"
+    cli("export", trained_moe["ckpt"], str(out))
+    hf_cfg = json.load(open(out / "config.json"))
+    assert hf_cfg["architectures"] == ["Qwen3MoeForCausalLM"] and hf_cfg["norm_topk_prob"] is True
+    assert (hf_cfg["num_experts"], hf_cfg["num_experts_per_tok"], hf_cfg["moe_intermediate_size"]) == (8, 2, 48)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:  # the on-disk layout of Qwen3-MoE checkpoints
+        keys = set(f.keys())
+    assert {"model.layers.1.mlp.gate.weight", "model.layers.1.mlp.experts.7.down_proj.weight",
+            "model.layers.0.self_attn.q_norm.weight", "model.layers.0.mlp.experts.0.gate_proj.weight"} <= keys
+    assert len(keys) == 2 * (4 + 2 + 2 + 1 + 8 * 3) + 3  # attn 4, norms 2, qk-norms 2, router, 8 experts x 3
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "Qwen3MoeForCausalLM"
+    model = trained_moe["model"]
+    ids = corpus["tok"].encode(corpus["held_out"][0]).ids[:96]
+    with torch.no_grad():
+        for x in (torch.randint(0, trained_moe["cfg"].vocab_size, (2, 64), generator=torch.Generator().manual_seed(0)),
+                  torch.tensor([ids])):
+            torch.testing.assert_close(hf(x).logits, model(x), rtol=1e-5, atol=1e-5)
+    # our loader reads the export back (per-expert layout -> (E, ., .) tensors)
+    back, _, _ = load_model(str(out))
+    for (k, v), (k2, v2) in zip(sorted(back.state_dict().items()), sorted(model.state_dict().items())):
+        assert k == k2 and torch.equal(v, v2), k
+    # greedy generation, token for token, from the checkpoint, from the export, and in transformers
+    prompt = corpus["held_out"][1][:60]
+    p_ids = corpus["tok"].encode(prompt).ids
+    hf_new = hf.generate(torch.tensor([p_ids]), max_new_tokens=20, do_sample=False,
+                         pad_token_id=hf.config.eos_token_id)[0, len(p_ids):].tolist()
+    eos = corpus["tok"].token_to_id("<|endoftext|>")
+    hf_new = hf_new[: hf_new.index(eos)] if eos in hf_new else hf_new
+    assert len(hf_new) > 0
+    for src in (trained_moe["ckpt"], str(out)):
+        assert generate_text(src, prompt, max_new_tokens=20, temperature=0, device="cpu")[2] == hf_new, src
