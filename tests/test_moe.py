@@ -465,3 +465,17 @@ def test_export_moe_matches_transformers_logits_and_greedy_tokens(trained_moe, c
     assert len(hf_new) > 0
     for src in (trained_moe["ckpt"], str(out)):
         assert generate_text(src, prompt, max_new_tokens=20, temperature=0, device="cpu")[2] == hf_new, src
+
+
+def test_10b_a1b_recipe():
+    import os
+
+    from pipeline.config import load_config
+
+    path = os.path.join(os.path.dirname(__file__), "..", "recipes", "10b-a1b.yaml")
+    c = load_config(path)
+    assert (c.model.preset, c.data.bag_size, c.train.switch_fraction, c.train.loss_weights) == ("10B-A1B", 16, 0.25,
+                                                                                               "power")
+    assert c.train.micro_batch_size is None and c.scaling.use_gpu  # one micro-batch per rank: see the header
+    m, _ = _meta("10B-A1B")
+    assert m.flops_per_position(c.data.seq_len) == pytest.approx(7.04e9, rel=1e-3)  # the header's ~7.1 GFLOP
