@@ -1,19 +1,20 @@
-"""Data-path throughput, side by side on the same cores in one run.
+"""The data path, measured side by side in one run on this machine (tokenizing and reading timed separately).
 
-    python bench/data.py [--mb 30] [--tokenizer gpt2] [--bag-size 6] [--seq-len 128] [--batch 16] [--actors 1]
+    python bench/data.py [--mb 100] [--source DIR] [--tokenizer gpt2] [--skip-ray] [--skip-s3]
 
-Prints tokens/s of
-  1. HF `tokenizers` `encode_batch` alone on the corpus text (and `encode_batch_fast`), already in memory;
-  2. the full Ray Data path, live: read JSONL shards from disk -> tokenize on the CPU actor pool -> ordered dealer
-     -> superposition windows (B, s*L + s) delivered to a consumer through `iter_steps` (no cached dataset);
-  3. what the trainer consumes: the tiny model's recovery-phase tokens/s (B*L per step, measured) times s, the
-     raw tokens a superposition step reads;
-and the ratios: Ray path / bare tokenizer (target >= 0.6 on 2 cores) and Ray path / trainer consumption.
+Prints
+  1. prepare: HF `tokenizers` `encode_batch` alone on the corpus text already in memory (all cores), against the
+     token store's prepare over the same files, by Ray Data (read tasks -> tokenizer actor pool -> ordered writer;
+     start-up included) and in-process (`--no-ray`). Target: Ray prepare >= 0.8x encode_batch on a 100 MB corpus.
+  2. read: superposition windows of one rank from the local store (memory-mapped), and of 4 concurrent reader
+     processes (4 ranks of one run). Target: >= 20M tokens/s for one rank.
+  3. object storage: the same store on a local S3-compatible server (moto): bytes and GET requests per rank per
+     step, with sequential read-ahead.
+  4. resume: time from opening the store to the first batch at 0%, 50% and 90% of an epoch, in a fresh process
+     (imports excluded, reported separately). Target: 90% within 1.2x of 0%.
 
-The text is the builtin corpora (Wikipedia leads, then the KJV Bible, then pydoc) written as JSONL shards to a
-temporary folder. The tokenizer benchmark uses the tokenizer's own thread pool (all cores), as `encode_batch`
-does by default; the Ray path gets the same cores (Ray started with the machine's real CPU count as logical
-CPUs unless --ray-cpus is given).
+The corpus is the builtin corpora (Wikipedia leads, the KJV Bible, pydoc) repeated to --mb as JSONL shards, or
+--source (e.g. a folder from `tst data build-corpus`). Everything here calls the package (`pipeline.data`).
 """
 
 from __future__ import annotations
@@ -21,11 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import socket
+import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_corpus(out_dir: str, mb: float, shards: int) -> tuple[list[str], int]:
@@ -48,155 +53,223 @@ def write_corpus(out_dir: str, mb: float, shards: int) -> tuple[list[str], int]:
 
 
 def bench_bare(tok, docs: list[str], batch: int) -> dict:
-    be = tok.backend
-    out = {}
-    for name in ("encode_batch", "encode_batch_fast"):
-        fn = getattr(be, name, None)
-        if fn is None:
-            continue
-        t0 = time.perf_counter()
-        n = 0
-        for i in range(0, len(docs), batch):
-            for e in fn(docs[i:i + batch], add_special_tokens=False):
-                n += len(e.ids)
-        dt = time.perf_counter() - t0
-        out[name] = {"tokens": n + len(docs), "seconds": dt, "tokens_per_s": (n + len(docs)) / dt}
+    t0 = time.perf_counter()
+    n = 0
+    for i in range(0, len(docs), batch):
+        for e in tok.backend.encode_batch(docs[i:i + batch], add_special_tokens=False):
+            n += len(e.ids)
+    dt = time.perf_counter() - t0
+    return {"tokens": n + len(docs), "seconds": dt, "tokens_per_s": (n + len(docs)) / dt}
+
+
+def bench_prepare(cfg, tok, out: str, mode: str) -> dict:
+    from pipeline.data import ensure_store
+    from pipeline.data.reader import TokenStore
+
+    t0 = time.perf_counter()
+    prep = ensure_store(cfg.data, tok, out, mode, wait="complete")
+    dt = time.perf_counter() - t0
+    st = TokenStore(prep.uri)
+    n = st.tokens("train") + st.tokens("val")
+    return {"uri": prep.uri, "tokens": n, "seconds": dt, "tokens_per_s": n / dt, "here": prep.prepared_here}
+
+
+READER = r"""
+import json, sys, time
+from pipeline.data.plan import StreamPlan
+from pipeline.data.reader import StoreSource
+a = json.loads(sys.argv[1])
+plan = StreamPlan(**a["plan"])
+src = StoreSource(a["uri"], plan, verify=False, read_block_mb=a.get("block_mb", 8.0))
+t0 = time.perf_counter()
+it = src.iter_steps(a["start"], a["rank"], a["world"])
+_, w = next(it)
+first = time.perf_counter() - t0
+n = 0
+t1 = time.perf_counter()
+for _ in range(a["steps"] - 1):  # the steady rate: after the first batch (thread start, cold pages)
+    _, w = next(it)
+    n += w.numel()
+dt = time.perf_counter() - t1
+it.close()
+st = src.store
+print(json.dumps({"first_s": first, "seconds": dt, "tokens": n, "window_tokens": int(w.shape[1]),
+                  "bytes": st.bytes_read, "requests": st.requests}))
+"""
+
+
+def run_reader(args: dict, env=None) -> dict:
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", READER, json.dumps(args)], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=REPO, **(env or {})), check=False)
+    if p.returncode:
+        raise SystemExit(f"reader failed: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}")
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    out["process_s"] = time.perf_counter() - t0
     return out
 
 
-def bench_ray(cfg, out_dir: str) -> dict:
-    from pipeline.data import build_source
-
-    t0 = time.perf_counter()
-    src = build_source(cfg, out_dir, "ray")  # starts the dealer, which starts the Ray Data pipeline
-    t_build = time.perf_counter() - t0
-    plan = src.plan
-    t1 = time.perf_counter()
-    first = None
-    for t, w in src.iter_steps(0, 0, 1):
-        assert w.shape == (plan.global_batch_size, plan.window_len(t))
-        if first is None:
-            first = time.perf_counter()
-    t_end = time.perf_counter()
-    tokens = plan.offset(plan.total_steps)
-    per_step = plan.offset(1)
-    info = src.info()
-    src.close()
-    return {
-        "build_seconds": t_build, "tokens": tokens, "seconds": t_end - t0,
-        "tokens_per_s": tokens / (t_end - t0),
-        "from_request_tokens_per_s": tokens / (t_end - t1),
-        "first_step_seconds": first - t1,
-        "steady_tokens_per_s": (tokens - per_step) / max(1e-9, t_end - first),
-        "dealer": {k: info[k] for k in ("restarts", "epoch", "delivered")},
-    }
+def plan_dict(steps: int, s: int, L: int, B: int) -> dict:
+    return {"total_steps": steps, "switch_fraction": 1.0, "bag_size": s, "seq_len": L, "global_batch_size": B,
+            "val_windows": 0, "prefetch_steps": 2}
 
 
-def bench_trainer(vocab: int, batch: int, seq_len: int, steps: int = 4) -> dict:
-    import torch
-
-    from pipeline.config import ModelConfig
-    from pipeline.loop import make_batch
-    from pipeline.model import Transformer, resolve_model_config
-
-    torch.manual_seed(0)
-    model = Transformer(resolve_model_config(ModelConfig(preset="tiny"), vocab))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    windows = torch.randint(0, vocab, (batch, seq_len + 1))
-    times = []
-    for i in range(steps + 1):
-        t0 = time.perf_counter()
-        inputs, targets = make_batch(windows, 1, seq_len)
-        loss = model(inputs, targets)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i:
-            times.append(time.perf_counter() - t0)
-    step = sorted(times)[len(times) // 2]
-    return {"step_seconds": step, "recovery_tokens_per_s": batch * seq_len / step, "params": model.num_params()}
+def start_moto() -> tuple[subprocess.Popen, str]:
+    # this interpreter's moto (a moto_server found first on PATH may be another install, e.g. 5.2, whose
+    # CompleteMultipartUpload answers break pyarrow's S3 writes)
+    exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(150):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    return proc, f"http://127.0.0.1:{port}"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mb", type=float, default=30.0, help="MB of text (the builtins, repeated past 9.9 MB; default 30)")
-    ap.add_argument("--source", default=None, help="a folder of JSONL shards (e.g. from `tst data build-corpus`) instead")
+    ap.add_argument("--mb", type=float, default=100.0, help="MB of text (the builtins, repeated past 9.9 MB)")
+    ap.add_argument("--source", default=None, help="a folder of JSONL shards (e.g. from `tst data build-corpus`)")
     ap.add_argument("--shards", type=int, default=8)
     ap.add_argument("--tokenizer", default="gpt2")
     ap.add_argument("--bag-size", type=int, default=6)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=1024, help="L of the read benchmark (default 1024)")
+    ap.add_argument("--batch", type=int, default=32, help="global batch of the read benchmark (default 32)")
+    ap.add_argument("--read-steps", type=int, default=40)
     ap.add_argument("--actors", type=int, default=1, help="tokenizer actors (default 1)")
-    ap.add_argument("--actor-cpus", type=float, default=None, help="CPUs (= tokenizer threads) per actor; default cores/actors")
     ap.add_argument("--tokenize-batch", type=int, default=512)
-    ap.add_argument("--ray-cpus", type=int, default=None, help="logical CPUs for ray.init (default: real cores + 2)")
-    ap.add_argument("--skip-trainer", action="store_true")
+    ap.add_argument("--skip-ray", action="store_true", help="no Ray Data prepare (in-process only)")
+    ap.add_argument("--skip-s3", action="store_true")
+    ap.add_argument("--keep", default=None, help="keep the corpus and stores in this folder")
     args = ap.parse_args(argv)
 
     cores = os.cpu_count() or 1
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    import ray
-    from ray.data import DataContext
-
     from pipeline.config import Config, apply_overrides
     from pipeline.tokenizer import load_tokenizer
 
-    with tempfile.TemporaryDirectory(prefix="tst-bench-data-") as tmp:
-        if args.source:
-            corpus = os.path.abspath(args.source)
-            docs = [json.loads(line)["text"] for f in sorted(os.listdir(corpus)) if f.endswith(".jsonl")
-                    for line in open(os.path.join(corpus, f), encoding="utf-8")]
-            nbytes = sum(len(t.encode()) for t in docs)
-            args.shards = len([f for f in os.listdir(corpus) if f.endswith(".jsonl")])
-        else:
-            corpus = os.path.join(tmp, "corpus")
-            os.makedirs(corpus)
-            docs, nbytes = write_corpus(corpus, args.mb, args.shards)
-        actor_cpus = args.actor_cpus or max(1.0, cores / args.actors)
-        base = {"data.source": corpus, "data.tokenizer": args.tokenizer, "data.val_fraction": 0.0,
-                "data.bag_size": args.bag_size, "data.seq_len": args.seq_len, "train.global_batch_size": args.batch,
-                "train.switch_fraction": 1.0, "train.steps": 1, "data.num_tokenize_actors": args.actors,
-                "data.tokenize_actor_cpus": actor_cpus, "data.tokenize_batch_size": args.tokenize_batch,
-                "data.dealer_cache_mb": 0, "data.prefetch_steps": 4}
-        cfg = apply_overrides(Config(), base)
-        tok = load_tokenizer(cfg.data, os.path.join(tmp, "out"))
-        print(f"corpus: {len(docs)} documents, {nbytes / 1e6:.1f} MB in {args.shards} JSONL shards; tokenizer {args.tokenizer} "
-              f"(vocab {tok.vocab_size}); {cores} cores", flush=True)
+    tmp = args.keep or tempfile.mkdtemp(prefix="tst-bench-data-")
+    os.makedirs(tmp, exist_ok=True)
+    if args.source:
+        corpus = os.path.abspath(args.source)
+        docs = [json.loads(line)["text"] for f in sorted(os.listdir(corpus)) if f.endswith(".jsonl")
+                for line in open(os.path.join(corpus, f), encoding="utf-8")]
+        nbytes = sum(len(t.encode()) for t in docs)
+    else:
+        corpus = os.path.join(tmp, "corpus")
+        if os.path.isdir(corpus):
+            shutil.rmtree(corpus)
+        os.makedirs(corpus)
+        docs, nbytes = write_corpus(corpus, args.mb, args.shards)
+    base = {"data.source": corpus, "data.tokenizer": args.tokenizer, "data.val_fraction": 0.001,
+            "data.num_tokenize_actors": args.actors, "data.tokenize_actor_cpus": max(1.0, cores / args.actors),
+            "data.tokenize_batch_size": args.tokenize_batch, "data.read_cpus": 0.25}
+    cfg = apply_overrides(Config(), base)
+    tok = load_tokenizer(cfg.data, os.path.join(tmp, "out"))
+    print(f"corpus: {len(docs)} documents, {nbytes / 1e6:.1f} MB of JSONL text; tokenizer {args.tokenizer} "
+          f"(vocab {tok.vocab_size}); {cores} cores", flush=True)
 
-        bare = bench_bare(tok, docs, args.tokenize_batch)
-        n_tokens = bare["encode_batch"]["tokens"]
-        steps = n_tokens // (args.batch * args.bag_size * args.seq_len) - 1
-        cfg = apply_overrides(cfg, {"train.steps": steps})
+    rows = []
+    bare = bench_bare(tok, docs, args.tokenize_batch)
+    del docs
+    rows.append(("HF tokenizers encode_batch (text in memory)", bare))
+    res = {"bare": bare}
+    if not args.skip_ray:
+        import ray
+        from ray.data import DataContext
 
-        ray.init(address="local", num_cpus=args.ray_cpus or cores + 2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=cores + 2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
         DataContext.get_current().enable_progress_bars = False
-        rp = bench_ray(cfg, os.path.join(tmp, "out"))
+        res["ray"] = bench_prepare(cfg, tok, os.path.join(tmp, "ray"), "ray")
         ray.shutdown()
-        tr = None if args.skip_trainer else bench_trainer(tok.vocab_size, args.batch, args.seq_len)
+        rows.append(("prepare, Ray Data (read tasks -> tokenizer actor -> writer)", res["ray"]))
+    res["local"] = bench_prepare(cfg, tok, os.path.join(tmp, "local"), "local")
+    rows.append(("prepare, in-process (--no-ray)", res["local"]))
+    uri = res["local"]["uri"]
 
-    b, bf = bare["encode_batch"], bare.get("encode_batch_fast")
-    best_bare = max(b["tokens_per_s"], bf["tokens_per_s"] if bf else 0)
+    from pipeline.data.reader import TokenStore
+
+    n_train = TokenStore(uri).tokens("train")
+    s, L, B = args.bag_size, args.seq_len, args.batch
+    per_step = B * s * L
+    steps_epoch = n_train // per_step
+    # 2. read throughput: one rank (world 1), then 4 concurrent ranks of one run
+    one = run_reader({"uri": uri, "plan": plan_dict(steps_epoch, s, L, B), "start": 0, "rank": 0, "world": 1,
+                      "steps": min(args.read_steps, steps_epoch)})
+    procs = [subprocess.Popen([sys.executable, "-c", READER, json.dumps(
+        {"uri": uri, "plan": plan_dict(steps_epoch, s, L, B), "start": 0, "rank": r, "world": 4,
+         "steps": min(args.read_steps, steps_epoch)})], stdout=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONPATH=REPO)) for r in range(4)]
+    four = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+    # 4. resume: first batch at 0 / 50 / 90 % of an epoch, each in a fresh process
+    resume = {}
+    for frac in (0.0, 0.5, 0.9):
+        start = int(frac * (steps_epoch - 1))
+        r = run_reader({"uri": uri, "plan": plan_dict(steps_epoch, s, L, B), "start": start, "rank": 0, "world": 1,
+                        "steps": 1})
+        resume[frac] = r
+    # 3. object storage
+    s3 = None
+    if not args.skip_s3:
+        proc, endpoint = start_moto()
+        try:
+            import boto3
+
+            env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                   "AWS_ENDPOINT_URL": endpoint}
+            os.environ.update(env)
+            boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
+            s3_store = f"s3://bench/stores/{os.path.basename(uri)}"
+            from pipeline.data.store import Storage
+
+            dst = Storage(s3_store)
+            for name in sorted(os.listdir(uri)):  # the same bytes, uploaded whole (the index last)
+                if name != "index.json":
+                    dst.write(name, open(os.path.join(uri, name), "rb").read())
+            dst.write("index.json", open(os.path.join(uri, "index.json"), "rb").read())
+            steps = min(20, steps_epoch)
+            s3 = run_reader({"uri": s3_store, "plan": plan_dict(steps_epoch, s, L, B), "start": 0, "rank": 0,
+                             "world": 4, "steps": steps}, env)
+            s3["steps"] = steps
+        finally:
+            proc.terminate()
+
     print()
-    print(f"{'path':58s} {'tokens':>11s} {'seconds':>8s} {'tokens/s':>11s}")
-    print(f"{'HF tokenizers encode_batch (text in memory)':58s} {b['tokens']:>11,d} {b['seconds']:>8.2f} {b['tokens_per_s']:>11,.0f}")
-    if bf:
-        print(f"{'HF tokenizers encode_batch_fast (text in memory)':58s} {bf['tokens']:>11,d} {bf['seconds']:>8.2f} {bf['tokens_per_s']:>11,.0f}")
-    print(f"{'Ray Data: read+tokenize+pack s=%d windows -> consumer' % args.bag_size:58s} {rp['tokens']:>11,d} "
-          f"{rp['seconds']:>8.2f} {rp['tokens_per_s']:>11,.0f}")
-    print(f"{'  same, timed from the first request (source built)':58s} {'':>11s} {'':>8s} {rp['from_request_tokens_per_s']:>11,.0f}")
-    print(f"{'  same, after the first step (steady state)':58s} {'':>11s} {'':>8s} {rp['steady_tokens_per_s']:>11,.0f}")
-    print(f"  (end to end includes start-up: source build with driver preflight {rp['build_seconds']:.1f}s, first step "
-          f"{rp['first_step_seconds']:.1f}s after it; {args.actors} tokenizer actor(s) x {actor_cpus:g} CPU)")
+    print(f"{'prepare (tokenize once)':62s} {'tokens':>12s} {'seconds':>8s} {'tokens/s':>12s}")
+    for name, r in rows:
+        print(f"{name:62s} {r['tokens']:>12,d} {r['seconds']:>8.2f} {r['tokens_per_s']:>12,.0f}")
+    if "ray" in res:
+        print(f"ratio Ray Data prepare / encode_batch: {res['ray']['tokens_per_s'] / bare['tokens_per_s']:.2f}x "
+              f"(target >= 0.8)")
+    print(f"ratio in-process prepare / encode_batch: {res['local']['tokens_per_s'] / bare['tokens_per_s']:.2f}x")
     print()
-    print(f"ratio Ray path (end to end) / encode_batch:   {rp['tokens_per_s'] / b['tokens_per_s']:.2f}x  (target >= 0.6)")
-    print(f"ratio Ray path (steady)     / encode_batch:   {rp['steady_tokens_per_s'] / b['tokens_per_s']:.2f}x")
-    if bf:
-        print(f"ratio Ray path (end to end) / encode_batch_fast: {rp['tokens_per_s'] / bf['tokens_per_s']:.2f}x")
-    if tr:
-        sup = tr["recovery_tokens_per_s"] * args.bag_size
-        print(f"trainer (tiny model, {tr['params'] / 1e6:.1f}M params, B={args.batch}, L={args.seq_len}, CPU): "
-              f"{tr['recovery_tokens_per_s']:,.0f} tokens/s in recovery -> {sup:,.0f} tokens/s read in superposition (x s={args.bag_size})")
-        print(f"ratio Ray path / trainer superposition consumption: {rp['tokens_per_s'] / sup:.1f}x")
+    print(f"read (superposition windows s={s}, L={L}, global batch {B}: {per_step:,} tokens per step; store "
+          f"{n_train:,} train tokens, {steps_epoch} steps per epoch)")
+    r1 = one["tokens"] / one["seconds"]
+    print(f"  one rank, local store (mmap):        {r1:>14,.0f} tokens/s over {min(args.read_steps, steps_epoch) - 1} steps "
+          f"after the first (target >= 20,000,000)")
+    agg = sum(f["tokens"] for f in four) / max(f["seconds"] for f in four)
+    print(f"  4 concurrent reader processes:       {agg:>14,.0f} tokens/s together "
+          f"({', '.join('%.1fM' % (f['tokens'] / f['seconds'] / 1e6) for f in four)} each)")
+    if s3:
+        print(f"  S3 (moto), rank 0 of 4, {s3['steps']} steps: {s3['bytes'] / s3['steps'] / 1e6:.2f} MB and "
+              f"{s3['requests'] / s3['steps']:.2f} GET requests per step (window bytes per step per rank: "
+              f"{per_step // 4 * 2 / 1e6:.2f} MB; block {8} MB)")
+    print()
+    print("resume: open the store and read the first batch at a fraction of an epoch (fresh process each)")
+    for frac, r in resume.items():
+        print(f"  at {frac:>4.0%} of the epoch: first batch {r['first_s'] * 1000:8.1f} ms after opening "
+              f"(process incl. imports {r['process_s']:.2f} s)")
+    ratio = resume[0.9]["first_s"] / resume[0.0]["first_s"]
+    print(f"  ratio 90% / 0%: {ratio:.2f}x (target <= 1.2)")
+    if not args.keep:
+        shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 

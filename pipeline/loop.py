@@ -19,6 +19,7 @@ over ranks, so each rank's backward is scaled by the world size to turn that mea
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import time
@@ -201,14 +202,15 @@ class Trainer:
         self.reporter.report(metrics, staging, self.state.step)
 
     def maybe_resume(self) -> None:
-        from pipeline.checkpoint import load_checkpoint
+        from pipeline.checkpoint import load_checkpoint, read_meta
 
         with self.reporter.latest_checkpoint() as path:
             if path is None:
                 return
+            saved = read_meta(path)  # refuse another run's checkpoint before loading (shapes may differ)
+            check_resume_compatible(self.cfg, saved)
+            _check_same_store(self.cfg, saved, getattr(self.source, "store_id", None))
             meta = load_checkpoint(path, self.model, self.optimizer)
-        check_resume_compatible(self.cfg, meta)
-        _check_same_store(self.cfg, meta, getattr(self.source, "store_id", None))
         self.state.step = int(meta["step"])
         self.state.elapsed_s = float(meta.get("elapsed_s", 0.0))
         if self.rank == 0:
@@ -322,6 +324,7 @@ class Trainer:
             if got_step != step:
                 raise RuntimeError(f"data source out of order: expected step {step}, got {got_step}")
             s = self.bag_size_at(step)
+            _maybe_record_digests(step, windows, self.rank * self.per_rank)
             _maybe_inject_failure(step, self.rank)
             loss, gnorm = self.train_step(step, windows)
             if self.moe_step is not None:
@@ -418,6 +421,36 @@ def moe_metrics(steps: list[dict]) -> dict:
     out = {"moe_aux_loss": sum(s["aux"] for s in steps) / len(steps),
            "moe_z_loss": sum(s["z"] for s in steps) / len(steps), "expert_load_max": max(load)}
     out.update({f"expert_load_l{i}": v for i, v in enumerate(load)})
+    return out
+
+
+def _maybe_record_digests(step: int, windows, first_row: int) -> None:
+    """Data drills and tests: with TST_WINDOW_DIGESTS=DIR every rank appends, per step, a digest of each window it
+    is about to train on, keyed by the window's row in the global batch, so runs with different worker counts,
+    kills and resumes can be compared window for window."""
+    folder = os.environ.get("TST_WINDOW_DIGESTS")
+    if not folder:
+        return
+    import hashlib
+
+    w, _ = _split_doc_ids(windows)
+    rows = {first_row + i: hashlib.sha1(w[i].to(torch.int64).numpy().tobytes()).hexdigest()[:16] for i in range(w.shape[0])}
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"digests-{os.getpid()}.jsonl"), "a") as f:
+        f.write(json.dumps({"step": step, "rows": rows}) + "\n")
+
+
+def read_digests(folder: str) -> dict[int, dict[int, str]]:
+    """{step: {global row: digest}} from TST_WINDOW_DIGESTS files; a step redone after a restart must have read
+    the same windows: a row seen with two different digests reads "conflict"."""
+    out: dict[int, dict[int, str]] = {}
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name)) as f:
+            for line in f:
+                rec = json.loads(line)
+                rows = out.setdefault(rec["step"], {})
+                for k, v in rec["rows"].items():
+                    rows[int(k)] = v if rows.get(int(k), v) == v else "conflict"
     return out
 
 

@@ -117,8 +117,8 @@ def main():
 
     orig_prepare = runner.prepare_data
 
-    def prepare_data(cfg, output_dir, mode):
-        tok, source = orig_prepare(cfg, output_dir, mode)
+    def prepare_data(cfg, output_dir, mode, **kw):
+        tok, source = orig_prepare(cfg, output_dir, mode, **kw)
         return tok, PacedSource(source, PACE)
 
     runner.prepare_data = prepare_data
@@ -131,7 +131,7 @@ def main():
 
     def train():
         try:
-            summary = runner.run_training(cfg, use_ray=True, name=plan["name"], data_mode="memory", console=True,
+            summary = runner.run_training(cfg, use_ray=True, name=plan["name"], console=True,
                                           extra_callbacks=[EventLog(EVENTS)])
             out["summary"] = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, type(None)))}
         except Exception as e:  # reported to the test, which fails with it

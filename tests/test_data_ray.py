@@ -1,5 +1,5 @@
-"""The Ray Data path on the session's local Ray: ordered stream, both phases, epochs, exact resume with the same
-and a different worker count, mask mode, bad input, and errors before any worker starts."""
+"""The Ray Data prepare on the session's local Ray: bad input counted like in-process, errors before any worker
+starts, and a store source riding to Ray Train workers, each reading its own windows (no actor in the path)."""
 
 import json
 import os
@@ -41,76 +41,24 @@ def _cfg(source, **kv):
     return apply_overrides(Config(), base)
 
 
-def _check_equal(src, mem, steps, rank, world):
-    for t, w in steps:
-        m = mem.step_windows(t, rank, world)
-        if isinstance(w, tuple):
-            assert all(torch.equal(a, b) for a, b in zip(w, m)), f"step {t} rank {rank}/{world} differs"
-        else:
-            assert torch.equal(w, m), f"step {t} rank {rank}/{world} differs"
-
-
-def test_ray_stream_is_ordered_exact_and_resumes_with_any_world_size(ray_session, tmp_path):
-    cfg = _cfg(_corpus(tmp_path))
-    out = str(tmp_path / "out")
-    mem = build_source(cfg, out, "memory")
-    plan = mem.plan
-    assert plan.tokens_needed() > 1.5 * mem.corpus_tokens  # the run crosses epochs
-    src = build_source(cfg, out, "ray")
-    try:
-        # two ranks consume their shares interleaved, as two workers would
-        its = [src.iter_steps(0, r, 2) for r in range(2)]
-        got = {0: [], 1: []}
-        for _ in range(plan.total_steps):
-            for r in range(2):
-                t, w = next(its[r])
-                s = plan.bag_size_at(t)
-                assert w.shape == (3, s * 16 + s) and w.dtype == torch.int64
-                got[r].append((t, w))
-        for r in range(2):
-            _check_equal(src, mem, got[r], r, 2)
-        # the concatenation of every window (tails dropped) across workers is the tokenized corpus, in order
-        body = [torch.cat([got[0][t][1], got[1][t][1]])[:, : -plan.bag_size_at(t)].reshape(-1) for t in range(plan.total_steps)]
-        stream = torch.cat(body).numpy()
-        n = mem.corpus_tokens
-        assert np.array_equal(stream, mem.tokens[np.arange(plan.offset(plan.total_steps)) % n])
-        info = src.info()
-        assert info["corpus_tokens"] == n and info["epoch"] >= 1  # epochs counted by the dealer
-        assert src.epoch_at(plan.total_steps - 1) > 1
-        assert torch.equal(src.val_windows(), mem.val_windows())
-    finally:
-        src.close()
-    # resume in a fresh pipeline (a new dealer replays and skips) at an arbitrary step, other worker counts
-    for start, world in ((7, 3), (17, 1)):
-        res = build_source(cfg, out, "ray")
-        try:
-            for r in range(world):
-                _check_equal(res, mem, list(res.iter_steps(start, r, world)), r, world)
-        finally:
-            res.close()
-
-
-def test_ray_mask_mode_and_bad_records_match_memory(ray_session, tmp_path):
+def test_ray_prepare_counts_bad_records_and_writes_the_in_process_bytes(ray_session, tmp_path):
+    """Malformed JSON, an empty record and invalid UTF-8 in the middle of a file: Ray Data's read tasks and the
+    in-process prepare count them identically and write byte-identical stores (index included)."""
     cfg = _cfg(_corpus(tmp_path, n_files=2, docs_per_file=10, bad=True),
-               **{"data.doc_boundary": "mask", "train.steps": 10, "data.val_fraction": 0.0,
-                  "data.dealer_cache_mb": 0})  # no dealer copy: epoch 2 re-executes the Ray Data pipeline
-    out = str(tmp_path / "out")
-    mem = build_source(cfg, out, "memory")
-    assert mem.stats["skipped"]["malformed_json"] == 1 and mem.stats["skipped"]["empty"] == 1
-    assert mem.stats["invalid_utf8"] == 1
-    assert mem.epoch_at(cfg.train.steps - 1) > 1  # the run crosses into a second pass
-    src = build_source(cfg, out, "ray")
-    try:
-        steps = list(src.iter_steps(0, 0, 1))
-        _check_equal(src, mem, steps, 0, 1)
-        w, d = steps[-1][1]
+               **{"data.doc_boundary": "mask", "train.steps": 10, "data.val_fraction": 0.0, "data.shard_tokens": 300})
+    local = build_source(cfg, str(tmp_path / "local"), "local")
+    st = local.stats
+    assert st["skipped"]["malformed_json"] == 1 and st["skipped"]["empty"] == 1 and st["invalid_utf8"] == 1
+    assert st["documents"] == 21 and st["records"] == 23
+    assert local.epoch_at(cfg.train.steps - 1) > 1  # the run crosses into a second pass
+    ray_src = build_source(cfg, str(tmp_path / "ray"), "ray")
+    names = sorted(os.listdir(local.uri))
+    assert names == sorted(os.listdir(ray_src.uri)) and len(names) > 4
+    for n in names:
+        assert open(os.path.join(local.uri, n), "rb").read() == open(os.path.join(ray_src.uri, n), "rb").read(), n
+    for t in range(cfg.train.steps):
+        w, d = ray_src.step_windows(t, 0, 1)
         assert w.shape == d.shape
-        st = src.info()["stats"]  # the dealer's counts of its first full pass equal the in-process reader's
-        assert st is not None and st["skipped"] == mem.stats["skipped"] and st["invalid_utf8"] == 1
-        assert st["documents"] == mem.stats["documents"]
-        assert src.info()["epoch"] >= 1 and src.info()["corpus_tokens"] == mem.corpus_tokens
-    finally:
-        src.close()
 
 
 def test_ray_errors_come_before_any_worker(ray_session, tmp_path):
@@ -140,7 +88,7 @@ def test_sources_ride_to_ray_train_workers_in_train_loop_config(ray_session, tmp
 
     cfg = _cfg(_corpus(tmp_path, n_files=2, docs_per_file=10), **{"train.steps": 8, "train.switch_fraction": 0.0})
     out = str(tmp_path / "out")
-    mem = build_source(cfg, out, "memory")
+    mem = build_source(cfg, str(tmp_path / "local"), "local")  # an independent store of the same data
     src = build_source(cfg, out, "ray")
     try:
         trainer = TorchTrainer(

@@ -57,6 +57,8 @@ OVERRIDES = [
     "train.warmup_steps=2", "train.log_every=1", "train.eval_every=1000", f"train.checkpoint_every={CKPT_EVERY}",
     "train.keep_checkpoints=3", "scaling.num_workers=2", "scaling.min_workers=1", "scaling.cpus_per_worker=0.5",
     "scaling.max_failures=10", "scaling.worker_resources={train_node: 1}", "run.tracking=false",
+    # the fake nodes share this machine's disk; a real multi-node cluster puts the store on s3:// or gs://
+    "data.store_shared=true",
 ]
 
 

@@ -41,7 +41,7 @@ def make_cfg(shared_out, *extra) -> Config:
 
 def run_local(cfg: Config, run_dir: str, resume: bool = True) -> tuple[dict, list[dict], Trainer]:
     tok = load_tokenizer(cfg.data, cfg.run.output_dir)
-    src = build_source(cfg, cfg.run.output_dir, mode="memory", tokenizer=tok)
+    src = build_source(cfg, cfg.run.output_dir, mode="local", tokenizer=tok)
     sink = MetricsSink(run_dir, cfg.train.steps, console=False)
     trainer = Trainer(cfg, src, LocalReporter(run_dir, sink, keep=cfg.train.keep_checkpoints, resume=resume),
                       vocab_size=tok.vocab_size, tokenizer_path=tok.path)
@@ -56,7 +56,7 @@ def losses(records) -> dict[int, float]:
 def test_switch_happens_at_round_rT_and_keeps_optimizer_state(shared_out, tmp_path):
     cfg = make_cfg(shared_out, "data.bag_size=4", "train.switch_fraction=0.25")  # floor(0.25*10 + 0.5) = 3
     tok = load_tokenizer(cfg.data, cfg.run.output_dir)
-    src = build_source(cfg, cfg.run.output_dir, mode="memory", tokenizer=tok)
+    src = build_source(cfg, cfg.run.output_dir, mode="local", tokenizer=tok)
     tr = Trainer(cfg, src, LocalReporter(str(tmp_path), None, resume=False), vocab_size=tok.vocab_size)
     assert tr.switch_step == 3
     assert [tr.bag_size_at(t) for t in range(5)] == [4, 4, 4, 1, 1]
@@ -180,7 +180,7 @@ def test_unreachable_mlflow_fails_before_training(shared_out, tmp_path):
 
 
 def _copy_cache(shared_out, dst):
-    for sub in ("tokenizers", "tokens"):
+    for sub in ("tokenizers", "stores"):
         if os.path.isdir(os.path.join(shared_out, sub)):
             shutil.copytree(os.path.join(shared_out, sub), os.path.join(dst, sub), dirs_exist_ok=True)
 
@@ -193,8 +193,8 @@ def test_ray_fsdp_one_step_matches_plain_loop(shared_out, tmp_path, ray_session)
     _copy_cache(shared_out, out)
     cfg = make_cfg(shared_out, "train.steps=1", "train.checkpoint_every=1", f"run.output_dir={out}",
                    "data.bag_size=4", "train.switch_fraction=1.0", "train.micro_batch_size=1")
-    plain = run_training(cfg, use_ray=False, name="plain", data_mode="memory", console=False)
-    ray_run = run_training(cfg, use_ray=True, name="ray", data_mode="memory", console=False)
+    plain = run_training(cfg, use_ray=False, name="plain", console=False)
+    ray_run = run_training(cfg, use_ray=True, name="ray", console=False)
     assert ray_run["world_size"] == 2 and plain["world_size"] == 1
     lp = JsonlWriter(os.path.join(out, "runs", "plain", "metrics.jsonl")).read()[0]["train_loss"]
     lr_ = JsonlWriter(os.path.join(out, "runs", "ray", "metrics.jsonl")).read()[0]["train_loss"]
@@ -217,7 +217,7 @@ def test_ray_worker_killed_recovers_and_n_to_m_resume(shared_out, tmp_path, ray_
     marker = str(tmp_path / "killed")
     monkeypatch.setenv("TST_INJECT_FAILURE", f"6:1:kill:{marker}")
     cfg = make_cfg(shared_out, f"run.output_dir={out}", "data.bag_size=4", "train.switch_fraction=0.3")
-    summary = run_training(cfg, use_ray=True, name="killed", data_mode="memory", console=False)
+    summary = run_training(cfg, use_ray=True, name="killed", console=False)
     assert os.path.exists(marker), "the failure was not injected"
     assert summary["step"] == 10 and summary["status"] == "finished"
     recs = JsonlWriter(os.path.join(out, "runs", "killed", "metrics.jsonl")).read()
@@ -236,32 +236,50 @@ def test_ray_worker_killed_recovers_and_n_to_m_resume(shared_out, tmp_path, ray_
 
 
 
-def test_ray_n_to_m_worker_resume(shared_out, tmp_path, ray_session, monkeypatch):
-    """A 2-worker run dies at step 6 (no retries left); started again by name with 1 worker, Ray Train resumes it
-    from its step-4 checkpoint (DCP reshards 2 -> 1) and the losses continue those of the plain loop."""
+def test_ray_n_to_m_resume_reads_exactly_the_uninterrupted_windows(shared_out, tmp_path, ray_session, monkeypatch):
+    """On the default data path (token store, every rank reading its own windows): an uninterrupted 2-worker run,
+    and 2-worker runs that die at step 6 (no retries left) and are started again by name with 1 and with 3
+    workers (Ray Train resumes from the step-4 checkpoint, DCP reshards). Per-step digests of the windows the
+    workers actually trained on are identical in all three, and the losses continue those of the plain loop."""
+    from pipeline.loop import read_digests
     from pipeline.runner import run_training
 
     out = str(tmp_path)
     _copy_cache(shared_out, out)
-    over = [f"run.output_dir={out}", "data.bag_size=4", "train.switch_fraction=0.3"]
-    monkeypatch.setenv("TST_INJECT_FAILURE", f"6:0:raise:{tmp_path / 'failed'}")
-    with pytest.raises(Exception, match="injected failure"):
-        run_training(make_cfg(shared_out, *over, "scaling.max_failures=0"), use_ray=True, name="nm",
-                     data_mode="memory", console=False)
-    monkeypatch.delenv("TST_INJECT_FAILURE")
-    summary = run_training(make_cfg(shared_out, *over, "scaling.num_workers=1"), use_ray=True, name="nm",
-                           data_mode="memory", console=False)
-    assert summary["step"] == 10 and summary["world_size"] == 1
-    recs = JsonlWriter(os.path.join(out, "runs", "nm", "metrics.jsonl")).read()
-    by_step = {}
-    for r in recs:
-        if "train_loss" in r:
-            by_step.setdefault(r["step"], []).append((r["world_size"], r["train_loss"]))
-    assert [w for w, _ in by_step[4]] == [2] and by_step[10][-1][0] == 1
+    over = [f"run.output_dir={out}", "data.bag_size=4", "train.switch_fraction=0.3", "train.global_batch_size=6"]
+    digests = {}
+    monkeypatch.setenv("TST_WINDOW_DIGESTS", str(tmp_path / "dg-ref"))
+    run_training(make_cfg(shared_out, *over), use_ray=True, name="ref", console=False)
+    digests["ref"] = read_digests(str(tmp_path / "dg-ref"))
+    for m in (1, 3):
+        monkeypatch.setenv("TST_WINDOW_DIGESTS", str(tmp_path / f"dg-{m}"))
+        monkeypatch.setenv("TST_INJECT_FAILURE", f"6:0:raise:{tmp_path / f'failed{m}'}")
+        with pytest.raises(Exception, match="injected failure"):
+            run_training(make_cfg(shared_out, *over, "scaling.max_failures=0"), use_ray=True, name=f"nm{m}",
+                         console=False)
+        monkeypatch.delenv("TST_INJECT_FAILURE")
+        summary = run_training(make_cfg(shared_out, *over, f"scaling.num_workers={m}"), use_ray=True,
+                               name=f"nm{m}", console=False)
+        assert summary["step"] == 10 and summary["world_size"] == m
+        digests[m] = read_digests(str(tmp_path / f"dg-{m}"))
+        recs = JsonlWriter(os.path.join(out, "runs", f"nm{m}", "metrics.jsonl")).read()
+        by_step = {}
+        for r in recs:
+            if "train_loss" in r:
+                by_step.setdefault(r["step"], []).append((r["world_size"], r["train_loss"]))
+        assert [w for w, _ in by_step[4]] == [2] and by_step[10][-1][0] == m
+        digests[f"loss{m}"] = {k: v[-1][1] for k, v in by_step.items()}
+    ref = digests["ref"]
+    assert sorted(ref) == list(range(10)) and all(sorted(r) == list(range(6)) for r in ref.values())
+    assert len({d for r in ref.values() for d in r.values()}) == 60  # 60 distinct windows, none read twice
+    for m in (1, 3):
+        assert digests[m] == ref, f"resumed with {m} worker(s): the windows differ from the uninterrupted run"
+    monkeypatch.delenv("TST_WINDOW_DIGESTS")
     _, plain, _ = run_local(make_cfg(shared_out, *over), str(tmp_path / "plain"))
-    ref = losses(plain)
-    for step in range(5, 11):
-        assert by_step[step][-1][1] == pytest.approx(ref[step], rel=1e-4), step
+    want = losses(plain)
+    for m in (1, 3):
+        for step in range(5, 11):
+            assert digests[f"loss{m}"][step] == pytest.approx(want[step], rel=1e-4), (m, step)
 
 
 def test_mlflow_records_params_metrics_artifacts_and_backfills(shared_out, tmp_path):

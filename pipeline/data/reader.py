@@ -294,6 +294,7 @@ def prefetched(produce: Callable[[int], Any], steps: range, depth: int) -> Itera
             yield item
     finally:
         stop.set()
+        th.join(timeout=30)  # no reader thread outlives its consumer (torch work at interpreter exit aborts)
 
 
 class StoreSource:
