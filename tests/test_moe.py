@@ -376,7 +376,7 @@ def test_two_fsdp_workers_under_ray_train_equal_the_ray_free_step(tmp_path, ray_
                   console=False).fit()
     ray_rec = [r for r in JsonlWriter(os.path.join(run_dir, "metrics.jsonl")).read() if r.get("kind") != "final"][0]
     assert ray_rec["world_size"] == 2
-    for k in ("train_loss", "moe_aux_loss", "moe_z_loss"):
+    for k in ("train_loss", "moe_aux_loss", "moe_z_loss", "grad_norm"):
         assert ray_rec[k] == pytest.approx(plain[0][k], rel=1e-5, abs=1e-7), k
     for k in ("expert_load_l0", "expert_load_l1"):
         assert ray_rec[k] == plain[0][k], k  # integer counts: exactly the same routing
@@ -384,8 +384,9 @@ def test_two_fsdp_workers_under_ray_train_equal_the_ray_free_step(tmp_path, ray_
     sd_ray, meta = load_model_state(os.path.join(run_dir, "step_00000001"))
     assert meta["world_size"] == 2 and sd_plain.keys() == sd_ray.keys()
     assert "layers.0.feed_forward.w1" in sd_ray
-    for k in sd_plain:
-        torch.testing.assert_close(sd_ray[k], sd_plain[k], rtol=1e-5, atol=1e-6, msg=k)
+    for k in sd_plain:  # atol: AdamW's first step, lr g / (|g| + eps), magnifies reduction-order noise on the
+        # rare near-zero gradient (seen: 1 element of 1024 off by 2e-6, against steps of lr = 3e-3)
+        torch.testing.assert_close(sd_ray[k], sd_plain[k], rtol=1e-5, atol=1e-5, msg=k)
 
 
 # ---------------------------------------------------------------------------------------------------------------
