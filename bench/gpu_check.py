@@ -9,16 +9,14 @@ loop ``pipeline.loop.Trainer`` with FSDP2 (one rank), bf16 mixed precision and `
 ``pipeline.parallel``; figures come from the loop's own metrics (``pipeline.metrics``) and the comparison from
 ``pipeline.compare``.
 
-    # once, on a CPU machine with the project installed (tokenizers + the corpus packages): the packed corpus.
-    # build_corpus = the builtins + Debian documentation packages (apt-get download): 24 MB of text here, which
-    # the GPT-2 tokenizer makes 7.5M train + 63k held-out tokens, a 15 MB file (the cap is 38 MB).
+    # once, on a CPU machine with the project installed: the corpus tokenized into a token store (about 15 MB for
+    # the 24 MB build_corpus folder with GPT-2 ids; carry the printed store folder, under 64 MiB, to the GPU machine)
     python -c "from pipeline.corpus import build_corpus; build_corpus('outputs/gpu_check/corpus', target_mb=90)"
-    python bench/gpu_check.py pack --source outputs/gpu_check/corpus --out outputs/gpu_check/packed.bin
-    # on the GPU machine (outputs/ is git-ignored: carry outputs/gpu_check/packed.bin and packed.bin.json);
-    # bench/gpu_check.sh is the same command:
-    python bench/gpu_check.py --data outputs/gpu_check/packed.bin --out outputs/gpu_check/h200
+    tst data prepare --no-ray data.source=outputs/gpu_check/corpus data.tokenizer=gpt2 data.store=outputs/gpu_check/stores
+    # on the GPU machine (bench/gpu_check.sh is the same command):
+    python bench/gpu_check.py --data outputs/gpu_check/stores/<id> --out outputs/gpu_check/h200
     # CPU smoke (what tests/test_gpu_check.py runs): every section, tiny shapes, a few steps
-    python bench/gpu_check.py --tiny --data PACKED --out DIR
+    python bench/gpu_check.py --tiny --data STORE --out DIR
 
 Sections (``--only a,b`` / ``--skip a,b``), in order; each records its wall-clock seconds:
   env          device, versions, whether the Triton kernel is importable.
@@ -38,7 +36,7 @@ Sections (``--only a,b`` / ``--skip a,b``), in order; each records its wall-cloc
                s times the raw tokens of recovery per second), TFLOP/s with the design notes' FLOP count and MFU
                against the datasheet dense bf16 peak (H200: 989 TFLOP/s) and, labelled ``mfu_vs_measured_matmul``,
                against the matmul section. Warm-up / compile intervals are excluded (see ``_steady``).
-  compare      an equal-FLOPs run pair on the packed real text, baseline (r = 0) vs TST (s = 6, r = 0.3), same
+  compare      an equal-FLOPs run pair on the real text of the token store, baseline (r = 0) vs TST (s = 6, r = 0.3), same
                T, batch, L, seed and WSD schedule: validation curves, final validation next-token losses, the
                equal-step difference and the iso-loss figures (``pipeline.compare.compute_comparison``).
   kernels_compiled  the kernels' reference under ``torch.compile`` (one compile per s), last because it is the
@@ -61,18 +59,15 @@ step in ~15 ms at 40 % MFU, so the 600-step comparison pair costs ~20-40 s plus 
 Checkpoints are not written in this script (``_CheckTrainer.save`` reports the metrics only): the loop's DCP
 checkpointing is disk I/O, tested on CPU, and would pollute the throughput intervals.
 
-The packed corpus (``pack``): ``pipeline.data.tokenize_corpus`` (documents + EOS in a fixed order, held-out
-documents split off by hash) with ``pipeline.tokenizer.load_tokenizer`` (default the bundled GPT-2 BPE, 50,257
-ids), written as little-endian uint16 (int32 when the vocabulary does not fit) train tokens then validation
-tokens, with a JSON header beside it (``<out>.json``). Capped at ``--max-mb`` (default 38 MB) by dropping
-whole training documents from the end.
+The data (``--data``): a token store written by ``tst data prepare`` (the same shards + index every training run
+reads), opened with ``pipeline.data.reader`` -- PyTorch and the standard library only; the store's index gives the
+vocabulary, EOS id and sizes, and every shard is checked against its sha256 at its first read.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
 import json
 import math
 import os
@@ -94,7 +89,6 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 SECTIONS = ("env", "correctness", "matmul", "kernels", "train", "compare", "kernels_compiled")
-PACK_FORMAT = "tst-packed-tokens-v1"
 
 # Tolerances of the correctness checks. Errors: loss |a - b| / |ref|; gradients max|a - b| / max|ref| (per tensor),
 # against the float64 reference on the same (bf16- or fp32-valued) inputs.
@@ -251,151 +245,34 @@ def _triton_status(device: torch.device) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The packed corpus
+# The data: a token store (pipeline.data), read with torch only
 # ---------------------------------------------------------------------------------------------------------------
-def pack_corpus(out: str, source: str, tokenizer: str = "gpt2", max_mb: float = 38.0, val_fraction: float = 0.01,
-                split_seed: int = 0, max_documents: Optional[int] = None, work_dir: Optional[str] = None) -> dict:
-    """Tokenize `source` (any data.source: builtin:NAME lists, a build-corpus folder, files) into `out` + `out.json`.
+def load_store(path: str) -> dict:
+    """Open a token store (`tst data prepare`) with torch and the standard library only (pipeline.data.reader):
+    {"uri", "header"} where the header is what the report records of the data."""
+    from pipeline.data.reader import TokenStore
 
-    Uses the project's tokenizer and data code (needs `tokenizers` and numpy; run it on the CPU machine).
-    """
-    import numpy as np
-
-    from pipeline.config import DataConfig
-    from pipeline.data import tokenize_corpus
-    from pipeline.tokenizer import load_tokenizer
-
-    t0 = time.perf_counter()
-    d = DataConfig(source=source, tokenizer=tokenizer, val_fraction=val_fraction, split_seed=split_seed,
-                   max_documents=max_documents, cache_tokens=False)
-    work = work_dir or os.path.join(os.path.dirname(os.path.abspath(out)), "_pack_work")
-    tok = load_tokenizer(d, work)
-    c = tokenize_corpus(d, tok, output_dir=None)
-    train, val = np.asarray(c["train"]), np.asarray(c["val"])
-    lengths = np.asarray(c["train_lengths"], dtype=np.int64)
-    if len(val) == 0:
-        raise SystemExit(f"pack: no held-out documents in {source!r} at val_fraction={val_fraction}; raise it")
-    dtype = np.dtype("<u2") if tok.vocab_size <= 65536 else np.dtype("<i4")
-    cap = int(max_mb * 1e6) // dtype.itemsize - len(val)
-    n_docs = len(lengths)
-    if len(train) > cap:  # drop whole documents from the end
-        ends = np.cumsum(lengths)
-        n_docs = int(np.searchsorted(ends, cap, side="right"))
-        train = train[: int(ends[n_docs - 1])] if n_docs else train[:0]
-    if len(train) == 0:
-        raise SystemExit("pack: --max-mb leaves no training tokens")
-    os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
-    blob = np.concatenate([train, val]).astype(dtype).tobytes()
-    tmp = out + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(blob)
-    os.replace(tmp, out)
-    header = {
-        "format": PACK_FORMAT,
-        "dtype": "uint16" if dtype.itemsize == 2 else "int32",
-        "byteorder": "little",
-        "vocab_size": int(tok.vocab_size),
-        "eos_id": int(tok.eos_id),
-        "tokenizer": tokenizer,
-        "source": source,
-        "val_fraction": val_fraction,
-        "split_seed": split_seed,
-        "train_tokens": int(len(train)),
-        "val_tokens": int(len(val)),
-        "train_documents": n_docs,
-        "train_documents_dropped": int(len(lengths) - n_docs),
-        "val_documents": int(len(c["val_lengths"])),
-        "bytes": len(blob),
-        "sha256": hashlib.sha256(blob).hexdigest(),
-        "built_with": f"python bench/gpu_check.py pack --source {source} --tokenizer {tokenizer} --max-mb {max_mb}",
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
-    with open(out + ".json", "w") as f:
-        json.dump(header, f, indent=1)
-    return header
-
-
-def load_packed(path: str, verify: bool = True) -> dict:
-    """Read a packed corpus with torch only: {"train", "val"} int64 tensors and the header."""
-    with open(path + ".json") as f:
-        header = json.load(f)
-    if header.get("format") != PACK_FORMAT:
-        raise SystemExit(f"{path}.json is not a {PACK_FORMAT} header; rebuild with `gpu_check.py pack`")
-    with open(path, "rb") as f:
-        blob = f.read()
-    if len(blob) != header["bytes"] or (verify and hashlib.sha256(blob).hexdigest() != header["sha256"]):
-        raise SystemExit(f"{path} does not match its header (size or sha256); rebuild it with `gpu_check.py pack`")
-    if header["dtype"] == "uint16":
-        t = torch.frombuffer(bytearray(blob), dtype=torch.int16).to(torch.int64) & 0xFFFF
-    else:
-        t = torch.frombuffer(bytearray(blob), dtype=torch.int32).to(torch.int64)
-    if sys.byteorder != "little":  # pragma: no cover
-        raise SystemExit("big-endian hosts are not supported by the packed format")
-    n = header["train_tokens"]
-    return {"train": t[:n], "val": t[n:], "header": header}
-
-
-class TorchWindowSource:
-    """The data contract of docs/interfaces.md over an in-memory token tensor, with torch only.
-
-    Used when numpy (and so `pipeline.data.TokenArraySource`) is missing on the GPU machine; tested to give the
-    same windows as TokenArraySource. Step t's global batch starts at o = raw_tokens_before(t); window k is
-    stream[o + k*s_t*L : o + k*s_t*L + s_t*L + s_t], rank w of W gets windows [w*B/W, (w+1)*B/W); the stream
-    repeats the corpus (epochs); val_windows are non-overlapping (L + 1)-token windows of the held-out stream.
-    """
-
-    def __init__(self, tokens: torch.Tensor, val_tokens: torch.Tensor, total_steps: int, switch_fraction: float,
-                 bag_size: int, seq_len: int, global_batch_size: int, val_windows: int):
-        self.tokens, self.val_tokens = tokens.to(torch.int64), val_tokens.to(torch.int64)
-        self.T, self.r, self.s, self.L, self.B = total_steps, switch_fraction, bag_size, seq_len, global_batch_size
-        self.n_val = val_windows
-
-    def _bag(self, step: int) -> int:
-        from tst_ops import schedule
-
-        return schedule.bag_size_at(step, self.T, self.r, self.s)
-
-    def _offset(self, step: int) -> int:
-        from tst_ops import schedule
-
-        return schedule.raw_tokens_before(step, self.T, self.r, self.s, self.B * self.L)
-
-    def step_windows(self, step: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
-        s, L = self._bag(step), self.L
-        per = self.B // world_size
-        start = self._offset(step) + rank * per * s * L
-        idx = start + torch.arange(per)[:, None] * (s * L) + torch.arange(s * L + s)[None, :]  # (per, s*L + s)
-        return self.tokens[idx % len(self.tokens)]
-
-    def iter_steps(self, start_step: int, rank: int = 0, world_size: int = 1):
-        for t in range(start_step, self.T):
-            yield t, self.step_windows(t, rank, world_size)
-
-    def val_windows(self) -> torch.Tensor:
-        L = self.L
-        n = 0 if len(self.val_tokens) <= L else min(self.n_val, (len(self.val_tokens) - 1) // L)
-        idx = torch.arange(n)[:, None] * L + torch.arange(L + 1)[None, :]
-        return self.val_tokens[idx]
-
-    def epoch_at(self, step: int) -> float:
-        return self._offset(step) / len(self.tokens)
+    st = TokenStore(path)
+    if not st.complete:
+        raise SystemExit(f"{path} is a token store still being written; finish `tst data prepare` first")
+    idx = st.index
+    return {"uri": path, "header": {
+        "format": idx["format"], "version": idx["version"], "store": os.path.basename(os.path.normpath(path)),
+        "dtype": idx["dtype"], "vocab_size": int(idx["tokenizer"]["vocab_size"]), "eos_id": int(idx["tokenizer"]["eos_id"]),
+        "tokenizer_sha256": idx["tokenizer"]["sha256"], "source": idx["source"]["spec"],
+        "train_tokens": st.tokens("train"), "val_tokens": st.tokens("val"), "train_documents": st.documents("train"),
+        "val_documents": st.documents("val")}}
 
 
 def make_source(data: dict, *, total_steps: int, switch_fraction: float, bag_size: int, seq_len: int,
-                global_batch_size: int, val_windows: int, prefer: str = "auto"):
-    """pipeline.data.TokenArraySource when it imports (numpy present), else TorchWindowSource."""
-    if prefer in ("auto", "pipeline"):
-        try:
-            from pipeline.data import StreamPlan, TokenArraySource
+                global_batch_size: int, val_windows: int):
+    """The project's own window source over the store: the reader every rank of a training run uses."""
+    from pipeline.data.plan import StreamPlan
+    from pipeline.data.reader import StoreSource
 
-            plan = StreamPlan(total_steps=total_steps, switch_fraction=switch_fraction, bag_size=bag_size,
-                              seq_len=seq_len, global_batch_size=global_batch_size, val_windows=val_windows)
-            return TokenArraySource(data["train"].numpy(), data["val"].numpy(), plan)
-        except ImportError:
-            if prefer == "pipeline":
-                raise
-    return TorchWindowSource(data["train"], data["val"], total_steps, switch_fraction, bag_size, seq_len,
-                             global_batch_size, val_windows)
+    plan = StreamPlan(total_steps=total_steps, switch_fraction=switch_fraction, bag_size=bag_size,
+                      seq_len=seq_len, global_batch_size=global_batch_size, val_windows=val_windows)
+    return StoreSource(data["uri"], plan)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -969,7 +846,8 @@ def run_check(args) -> dict:
             raise SystemExit(f"unknown section {x!r}; sections: {', '.join(SECTIONS)}")
     wanted = [s for s in SECTIONS if s in only and s not in skip]
     if ("train" in wanted or "compare" in wanted) and not args.data:
-        raise SystemExit("train/compare need --data PACKED (build it with `gpu_check.py pack`), or --skip train,compare")
+        raise SystemExit("train/compare need --data STORE (a token store folder from `tst data prepare`), or --skip "
+                         "train,compare")
     torch.manual_seed(0)
     if p.get("threads") and device.type == "cpu":
         torch.set_num_threads(p["threads"])  # small shared CPU machines: no thread oversubscription
@@ -984,7 +862,7 @@ def run_check(args) -> dict:
 
     ctx["reserve_after"] = reserve_after
     if "train" in wanted or "compare" in wanted:
-        ctx["data"] = load_packed(args.data)
+        ctx["data"] = load_store(args.data)
     fns = {"env": section_env, "correctness": section_correctness, "matmul": section_matmul,
            "kernels": section_kernels, "train": section_train, "compare": section_compare,
            "kernels_compiled": section_kernels_compiled}
@@ -1046,19 +924,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="gpu_check.py", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd")
-    pk = sub.add_parser("pack", help="tokenize a corpus into the packed token file the check reads (CPU machine)")
-    pk.add_argument("--out", required=True, help="token file to write; its header goes to OUT.json")
-    pk.add_argument("--source", default="builtin:wiki,builtin:bible,builtin:pydoc",
-                    help="any data.source: builtin:NAME list, a `tst data build-corpus` folder, files (default: %(default)s)")
-    pk.add_argument("--tokenizer", default="gpt2", help="gpt2 (default), bpe:N or a tokenizer.json")
-    pk.add_argument("--max-mb", type=float, default=38.0, help="size cap of the token file (default %(default)s MB)")
-    pk.add_argument("--val-fraction", type=float, default=0.01)
-    pk.add_argument("--split-seed", type=int, default=0)
-    pk.add_argument("--max-documents", type=int, default=None)
     for a in (ap, sub.add_parser("run", help="run the checks (the default command)")):
         a.add_argument("--tiny", action="store_true", help="CPU smoke mode: every section, small shapes, few steps")
         a.add_argument("--tiny-compile", action="store_true", help="in --tiny, also run the torch.compile paths")
-        a.add_argument("--data", help="packed corpus from `pack` (needed by train and compare)")
+        a.add_argument("--data", help="token store folder from `tst data prepare` (needed by train and compare)")
         a.add_argument("--out", default="outputs/gpu_check", help="folder for gpu_check.json (default %(default)s)")
         a.add_argument("--only", help=f"comma-separated sections to run ({','.join(SECTIONS)})")
         a.add_argument("--skip", help="comma-separated sections to skip")
@@ -1073,11 +942,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.cmd == "pack":
-        h = pack_corpus(args.out, args.source, args.tokenizer, args.max_mb, args.val_fraction, args.split_seed,
-                        args.max_documents)
-        print(json.dumps(h, indent=1))
-        return 0
     report = run_check(args)
     print(format_table(report), flush=True)
     return 0 if report["status"] == "passed" else 1

@@ -1,8 +1,8 @@
 """What Ray costs: steps/s of the tiny model in one process vs under TorchTrainer with the Ray Data pipeline.
 
 Both runs train the same config (superposition then recovery, equal FLOPs per step) with the same torch thread
-count; the Ray run uses one TorchTrainer worker fed by the Ray Data source (read + tokenize + ordered dealer), the
-plain run the in-memory source of the Ray-free loop. Steady state excludes the first `--warmup` steps; start-up
+count; the Ray run uses one TorchTrainer worker, the plain run the Ray-free loop, both reading the same token store
+(prepared once, before either run). Steady state excludes the first `--warmup` steps; start-up
 (ray.init + fit() to first step) is reported separately. Figures are read from each run's metrics.jsonl.
 
     python bench/overhead.py                # ~3-4 minutes on 2 cores

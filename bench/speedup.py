@@ -43,7 +43,7 @@ and checkpoint writes, which are the same for TST and the baselines up to the lo
 The load average before and after each run is recorded (the machine may be shared).
 
 The GPU setting (`--setting gpu`): the "125M" preset (GPT-2 vocabulary: 152.7M parameters), bf16 autocast, one
-GPU, on the packed corpus of bench/gpu_check.py (`data.source` = a `gpu_check.py pack` token file; read with torch
+GPU, on a token store (`data.source` = a store folder from `tst data prepare`, as bench/gpu_check.py reads; read with torch
 only, so that the GPU machine needs nothing but PyTorch). `gpu_setting()` returns its config for other scripts.
 
 Outputs under `<out>/` (default outputs/speedup): `runs/<setting>-.../` (one folder per run), and
@@ -109,7 +109,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "recipe": "recipes/speedup_gpu.yaml",
         "config": {
             "model.preset": "125M",
-            "data.source": "outputs/gpu_check/packed.bin",
+            "data.source": "outputs/gpu_check/store",  # a token store folder (tst data prepare; see gpu_check.py)
             "data.tokenizer": "gpt2",
             "data.seq_len": 512,
             "data.bag_size": 1,
@@ -264,14 +264,13 @@ def tokens_needed(steps: int, switch_fraction: float, bag_size: int, batch: int,
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Data: a `gpu_check.py pack` token file (torch only), or any data.source through the project's data code
+# Data: a token store folder (torch only), or any data.source through the project's data code
 # ---------------------------------------------------------------------------------------------------------------
 def is_packed(source: str) -> bool:
-    if not (os.path.isfile(source) and os.path.isfile(source + ".json")):
-        return False
+    """A token store folder (`tst data prepare`) given as data.source: read with torch only (the GPU machine)."""
     try:
-        with open(source + ".json") as f:
-            return json.load(f).get("format") == "tst-packed-tokens-v1"
+        with open(os.path.join(source, "index.json")) as f:
+            return json.load(f).get("format") == "tst-token-store"
     except (OSError, ValueError):
         return False
 
@@ -281,9 +280,9 @@ _PACKED: dict[str, dict] = {}
 
 def load_packed_data(source: str) -> dict:
     if source not in _PACKED:
-        from bench.gpu_check import load_packed
+        from bench.gpu_check import load_store
 
-        _PACKED[source] = load_packed(source)
+        _PACKED[source] = load_store(source)
     return _PACKED[source]
 
 
@@ -292,12 +291,12 @@ def corpus_info(cfg) -> dict:
     if is_packed(cfg.data.source):
         h = load_packed_data(cfg.data.source)["header"]
         return {"train_tokens": h["train_tokens"], "val_tokens": h["val_tokens"], "vocab_size": h["vocab_size"],
-                "tokenizer": h["tokenizer"], "documents": h.get("train_documents"), "packed": True}
+                "tokenizer": h["tokenizer_sha256"], "documents": h.get("train_documents"), "packed": True}
     from pipeline.runner import prepare_data
 
     tok, source = prepare_data(cfg, os.path.abspath(cfg.run.output_dir), "memory")
     st = source.stats or {}
-    return {"train_tokens": int(source.corpus_tokens), "val_tokens": int(len(source.val_tokens)),
+    return {"train_tokens": int(source.corpus_tokens), "val_tokens": int(source.store.tokens("val")),
             "vocab_size": int(tok.vocab_size), "tokenizer": tok.path, "documents": st.get("documents"),
             "val_documents": st.get("val_documents"), "packed": False}
 
@@ -382,7 +381,7 @@ def _run_cfg(cfg, *, steps: int, bag_size: int, switch_fraction: float, name: st
 
 
 def _train_packed(cfg, name: str, console: bool) -> dict:
-    """The runner's Ray-free path (`pipeline.runner._fit_local`) on a packed token file, with torch only."""
+    """The runner's Ray-free path (`pipeline.runner._fit_local`) on a token store folder, with torch only."""
     import torch
 
     from bench.gpu_check import make_source

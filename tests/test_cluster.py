@@ -87,7 +87,7 @@ def test_cluster_yaml_validates_against_rays_schema(path):
 
 def _requested_resources(cfg) -> dict[str, list[dict]]:
     """What the code asks Ray for under `cfg`: the train worker bundle straight from `build_trainer`'s
-    ScalingConfig, and the Ray Data read task / tokenizer actor / dealer actor options of pipeline/data.py."""
+    ScalingConfig, and the Ray Data read task / tokenizer actor options of the prepare (pipeline/data/prepare.py)."""
     from pipeline.ray_train import build_trainer
 
     trainer = build_trainer(cfg, source=None, vocab_size=128256, tokenizer_json=None, run_name="x", run_dir="/tmp/x",
@@ -96,7 +96,7 @@ def _requested_resources(cfg) -> dict[str, list[dict]]:
     worker = dict(sc._resources_per_worker_not_none)
     d = cfg.data
     extra = dict(d.actor_resources)
-    data = [{"CPU": d.read_cpus, **extra}, {"CPU": d.tokenize_actor_cpus, **extra}, {"CPU": d.dealer_cpus, **extra}]
+    data = [{"CPU": d.read_cpus, **extra}, {"CPU": d.tokenize_actor_cpus, **extra}]
     return {"train": [worker] * sc.max_workers, "train_min": [worker] * sc.min_workers,
             "data": data * d.num_tokenize_actors}
 

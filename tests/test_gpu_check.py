@@ -1,9 +1,8 @@
 """The GPU check (bench/gpu_check.py) in its tiny CPU mode, so that the script never rots.
 
-One module-scoped run of the whole script (`--tiny`, every section, small shapes, a few steps) on a small packed
-corpus built by the script's own `pack` command (builtin:pydoc with a 512-id BPE: seconds); the tests then read
-its gpu_check.json. The torch-only window source (used on a GPU machine without numpy) is checked against the
-project's TokenArraySource window for window.
+One module-scoped run of the whole script (`--tiny`, every section, small shapes, a few steps) on a small token
+store prepared by the package (builtin:pydoc with a 512-id BPE: seconds); the tests then read its gpu_check.json.
+The script reads the store through the project's torch-only reader, in a process where numpy is blocked.
 """
 
 from __future__ import annotations
@@ -28,11 +27,16 @@ EXPECTED = ("env", "correctness", "matmul", "kernels", "train", "compare", "kern
 
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory):
+    """A token store of builtin:pydoc (the fixture keeps its old name: the store is what the script reads)."""
+    from pipeline.config import DataConfig
+    from pipeline.data import ensure_store
+    from pipeline.tokenizer import load_tokenizer
+
     d = tmp_path_factory.mktemp("gpu_check_data")
-    out = d / "packed.bin"
-    h = gpu_check.pack_corpus(str(out), "builtin:pydoc", tokenizer="bpe:512", val_fraction=0.05,
-                              work_dir=str(d / "work"))
-    return out, h
+    cfg = DataConfig(source="builtin:pydoc", tokenizer="bpe:512", val_fraction=0.05)
+    tok = load_tokenizer(cfg, str(d))
+    prep = ensure_store(cfg, tok, str(d), "local")
+    return Path(prep.uri), gpu_check.load_store(prep.uri)["header"]
 
 
 @pytest.fixture(scope="module")
@@ -61,40 +65,22 @@ def _all_finite(x, path="") -> list[str]:
     return bad
 
 
-def test_pack_header_and_roundtrip(packed):
+def test_store_header_and_torch_only_source(packed):
+    """The header the report records comes from the store's index; the source is the project's StoreSource, and
+    the reader imports without numpy (the GPU machine may lack it)."""
     out, h = packed
-    assert h["format"] == gpu_check.PACK_FORMAT and h["dtype"] == "uint16"
-    assert h["vocab_size"] == 512 and 0 <= h["eos_id"] < 512
-    assert out.stat().st_size == h["bytes"] == 2 * (h["train_tokens"] + h["val_tokens"]) < 40e6
-    data = gpu_check.load_packed(str(out))
-    assert data["train"].dtype == torch.int64 and len(data["train"]) == h["train_tokens"]
-    assert len(data["val"]) == h["val_tokens"] > 0
-    assert int(data["train"].max()) < h["vocab_size"] and int(data["train"].min()) >= 0
-    assert int((data["train"] == h["eos_id"]).sum()) == h["train_documents"]  # one EOS per document
-
-
-def test_pack_size_cap_drops_whole_documents(tmp_path):
-    h = gpu_check.pack_corpus(str(tmp_path / "p.bin"), "builtin:pydoc", tokenizer="bpe:512", val_fraction=0.05,
-                              max_mb=0.2, work_dir=str(tmp_path / "w"))
-    assert h["bytes"] <= 200_000 and h["train_documents_dropped"] > 0
-    data = gpu_check.load_packed(str(tmp_path / "p.bin"))
-    assert int(data["train"][-1]) == h["eos_id"]  # ends on a document boundary
-
-
-def test_torch_window_source_matches_token_array_source(packed):
-    data = gpu_check.load_packed(str(packed[0]))
-    kw = dict(total_steps=10, switch_fraction=0.3, bag_size=6, seq_len=16, global_batch_size=4, val_windows=5)
-    a = gpu_check.make_source(data, prefer="pipeline", **kw)
-    b = gpu_check.make_source(data, prefer="torch", **kw)
-    assert type(a).__name__ == "TokenArraySource" and isinstance(b, gpu_check.TorchWindowSource)
-    for step in (0, 2, 3, 9):
-        for rank, world in ((0, 1), (1, 2)):
-            wa, wb = a.step_windows(step, rank, world), b.step_windows(step, rank, world)
-            assert wa.dtype == wb.dtype == torch.int64
-            assert torch.equal(wa, wb), (step, rank, world)
-    assert torch.equal(a.val_windows(), b.val_windows())
-    assert a.epoch_at(7) == pytest.approx(b.epoch_at(7))
-    assert [t for t, _ in b.iter_steps(8)] == [8, 9]
+    assert h["format"] == "tst-token-store" and h["dtype"] == "uint16"
+    assert h["vocab_size"] == 512 and 0 <= h["eos_id"] < 512 and h["val_tokens"] > 0
+    src = gpu_check.make_source(gpu_check.load_store(str(out)), total_steps=10, switch_fraction=0.3, bag_size=6,
+                                seq_len=16, global_batch_size=4, val_windows=5)
+    w = src.step_windows(0, 0, 1)
+    assert w.shape == (4, 6 * 16 + 6) and w.dtype == torch.int64 and int(w.max()) < 512
+    assert int((src.store.read("train", 0, h["train_tokens"]) == h["eos_id"]).sum()) == h["train_documents"]
+    code = ("import sys; sys.modules['numpy'] = None; sys.path.insert(0, %r)\n"
+            "from pipeline.data.reader import TokenStore; st = TokenStore(%r); print(st.tokens('train'))"
+            % (str(REPO), str(out)))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and int(r.stdout.strip()) == h["train_tokens"], r.stderr[-2000:]
 
 
 def test_every_section_ran_with_finite_figures(report):
@@ -149,7 +135,7 @@ def test_training_figures(report):
     run = tr["runs"][0]
     assert run["status"] == "finished" and run["fsdp"] is True and run["world_size"] == 1
     assert run["compile"] is False and run["switch_step"] == run["steps"] // 2
-    assert run["source"] == "TokenArraySource"
+    assert run["source"] == "StoreSource"
     for ph in ("superposition", "recovery"):
         f = run[ph]
         assert f["intervals"] >= 1
@@ -211,7 +197,7 @@ def test_script_imports_no_optional_stack():
         "builtins.__import__ = imp\n"
         f"sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(REPO / 'bench')!r})\n"
         "import gpu_check, tst_ops, pipeline.model, pipeline.loop, pipeline.parallel, pipeline.metrics\n"
-        "import pipeline.config, pipeline.checkpoint, pipeline.compare, pipeline.data\n"
+        "import pipeline.config, pipeline.checkpoint, pipeline.compare, pipeline.data, pipeline.data.reader\n"
         "print('ok')\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
