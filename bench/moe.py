@@ -11,6 +11,8 @@ sort by expert, the gather of the N k rows and the index_add back (pipeline/moe.
 the time goes: "matmul" (mm/addmm/bmm/linear), "dispatch" (argsort, bincount, index/gather, index_add, split, cat),
 "routing" (softmax, topk, logsumexp), "elementwise" (silu, mul, add, ...), and "other".
 
+Two MoE dispatch paths are timed: `grouped_mm` (torch._grouped_mm, one call per projection, the default where
+it takes the shapes) and `loop` (one matmul per expert group in Python, the fallback).
 Both layers run in float32 on CPU (bf16 with --dtype bfloat16, where CUDA is used if available: --device cuda).
 Timings are medians of --repeats runs after --warmup, same thread count for both.
 """
@@ -30,6 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.model import FeedForward  # noqa: E402
+import pipeline.moe  # noqa: E402
 from pipeline.moe import MoEFeedForward  # noqa: E402
 
 SHAPES = {  # name: (D, E, k, I, N tokens)
@@ -104,7 +107,7 @@ def main(argv=None) -> int:
     print(f"forward + backward, median of {args.repeats}, {args.threads} thread(s), {args.dtype} on {device}; "
           f"load {load0:.1f}")
     print(f"{'shape':10s} {'D':>5s} {'E':>4s} {'k':>3s} {'I':>5s} {'N':>6s} {'dense ms':>9s} {'MoE ms':>9s} "
-          f"{'ratio':>6s}")
+          f"{'ratio':>6s} {'loop ms':>9s} {'ratio':>6s}")
     for name in args.shapes.split(","):
         D, E, k, I, N = SHAPES[name]
         cfg = SimpleNamespace(hidden_size=D, intermediate_size=k * I, num_experts=E, experts_per_token=k,
@@ -116,19 +119,25 @@ def main(argv=None) -> int:
             for p in (*dense.parameters(), *moe.parameters()):
                 p.normal_(0, 0.02)
         x = torch.randn(1, N, D, device=device, dtype=dtype)
-        # interleave the two so that machine load hits both alike
-        td, tm = [], []
+        # interleave the three so that machine load hits them alike
+        td, tm, tl = [], [], []
+        auto = pipeline.moe.use_grouped_mm
         for _ in range(3):
             td += time_fwd_bwd(dense, x, args.repeats // 3 or 1, args.warmup, device)
             tm += time_fwd_bwd(moe, x, args.repeats // 3 or 1, args.warmup, device)
-        d_ms, m_ms = statistics.median(td) * 1e3, statistics.median(tm) * 1e3
+            pipeline.moe.use_grouped_mm = lambda x, w1: False
+            tl += time_fwd_bwd(moe, x, args.repeats // 3 or 1, args.warmup, device)
+            pipeline.moe.use_grouped_mm = auto
+        d_ms, m_ms, l_ms = (statistics.median(t) * 1e3 for t in (td, tm, tl))
         row = {"shape": name, "D": D, "E": E, "k": k, "I": I, "N": N, "dense_ms": d_ms, "moe_ms": m_ms,
-               "ratio": m_ms / d_ms}
+               "ratio": m_ms / d_ms, "moe_path": "grouped_mm" if auto(x.reshape(N, D), moe.w1) else "loop",
+               "moe_loop_ms": l_ms, "loop_ratio": l_ms / d_ms}
         if device.type == "cpu":
             row["moe_profile_ms"] = profile(moe, x)
             row["dense_profile_ms"] = profile(dense, x)
         rows.append(row)
-        print(f"{name:10s} {D:5d} {E:4d} {k:3d} {I:5d} {N:6d} {d_ms:9.2f} {m_ms:9.2f} {m_ms / d_ms:6.2f}")
+        print(f"{name:10s} {D:5d} {E:4d} {k:3d} {I:5d} {N:6d} {d_ms:9.2f} {m_ms:9.2f} {m_ms / d_ms:6.2f} "
+              f"{l_ms:9.2f} {l_ms / d_ms:6.2f}   (MoE path: {row['moe_path']})")
     if device.type == "cpu":
         print("\nwhere the time goes (self CPU ms of one forward + backward, torch.profiler):")
         for r in rows:

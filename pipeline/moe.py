@@ -10,11 +10,14 @@ What it computes (transformers/models/qwen3_moe/modeling_qwen3_moe.py, checked w
   experts; no shared expert;
 - dropless: every token reaches all k of its experts, however unbalanced the routing (no capacity factor).
 
-How it computes it: grouped by expert. The N*k (token, expert) assignments are sorted by expert; on CPU each
-expert's contiguous group is one matmul (every expert runs, even on zero rows, so that every expert weight gets
-a gradient on every rank: FSDP2 reduce-scatters need the same parameters on all ranks); on CUDA with bf16 and
-16-aligned sizes, `torch._grouped_mm` does all groups in one kernel (untested here: no GPU was available).
-`naive_moe` in tests/test_moe.py is the per-token reference loop.
+How it computes it: grouped by expert. The N*k (token, expert) assignments are sorted by expert, and
+`torch._grouped_mm` runs every expert's contiguous group in one call per projection where it exists and takes the
+shapes: on CPU (torch >= 2.9 has a CPU implementation; rows must be 16-byte aligned: D and I multiples of 4 in
+float32, 8 in bf16) and on CUDA in bf16 on compute capability >= 9.0 with D and I multiples of 16 (the CUDA path
+is untested here: no GPU was available). Otherwise a Python loop does one matmul per expert group. Either way
+every expert runs, even on zero rows, so every expert weight gets a (zero) gradient on every rank: FSDP2's
+reduce-scatter needs the same parameters on all ranks. `naive_moe` in tests/test_moe.py is the per-token
+reference both paths are tested against.
 
 Parameters (per MoE layer), with their Hugging Face names:
   router.weight (E, D)  -> mlp.gate.weight
@@ -53,10 +56,15 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, k: int):
     return logits, probs, top_w.to(x.dtype), top_i
 
 
-def _use_grouped_mm(x: torch.Tensor, w1: torch.Tensor) -> bool:
+def use_grouped_mm(x: torch.Tensor, w1: torch.Tensor) -> bool:
+    """Whether `torch._grouped_mm` takes this case (see the module docstring); else the per-expert loop."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
     E, I, D = w1.shape
-    return (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
-            and D % 16 == 0 and I % 16 == 0)
+    if x.is_cuda:
+        return (x.dtype == torch.bfloat16 and D % 16 == 0 and I % 16 == 0
+                and torch.cuda.get_device_capability(x.device) >= (9, 0))
+    return x.device.type == "cpu" and (D * x.element_size()) % 16 == 0 and (I * x.element_size()) % 16 == 0
 
 
 def expert_forward(x: torch.Tensor, top_w: torch.Tensor, top_i: torch.Tensor, w1: torch.Tensor,
@@ -64,7 +72,7 @@ def expert_forward(x: torch.Tensor, top_w: torch.Tensor, top_i: torch.Tensor, w1
     """Dropless grouped dispatch. x (N, D), top_w / top_i (N, k), w1 / w3 (E, I, D), w2 (E, D, I) -> (N, D).
 
     Sort the N*k assignments by expert, run each expert on its contiguous group, scale by the routing weight,
-    and add the rows back to their tokens (index_add)."""
+    and add the rows back to their tokens (index_add). grouped_mm: None = `use_grouped_mm`; False = the loop."""
     N, k = top_i.shape
     E = w1.shape[0]
     flat = top_i.reshape(-1)  # (N*k,) expert of each assignment, token-major
@@ -72,7 +80,7 @@ def expert_forward(x: torch.Tensor, top_w: torch.Tensor, top_i: torch.Tensor, w1
     token = order // k  # (N*k,) token of each sorted assignment
     counts = torch.bincount(flat, minlength=E)  # (E,)
     xs = x[token]  # (N*k, D) grouped by expert
-    if grouped_mm if grouped_mm is not None else _use_grouped_mm(x, w1):
+    if grouped_mm if grouped_mm is not None else use_grouped_mm(x, w1):
         offs = counts.cumsum(0).to(torch.int32)  # (E,) end of each group
         gate = torch._grouped_mm(xs, w1.transpose(-2, -1), offs=offs)  # (N*k, I)
         up = torch._grouped_mm(xs, w3.transpose(-2, -1), offs=offs)  # (N*k, I)

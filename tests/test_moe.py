@@ -18,7 +18,7 @@ SMALL = dict(preset="tiny-moe", hidden_size=32, num_layers=2, num_heads=4, num_k
              experts_per_token=2, moe_intermediate_size=24)
 
 
-def moe_block(dtype=torch.float32, E=6, k=2, D=16, I=12, seed=0):
+def moe_block(dtype=torch.float32, E=6, k=2, D=16, I=16, seed=0):
     cfg = resolve_model_config(ModelConfig(preset="tiny-moe", hidden_size=D, num_experts=E, experts_per_token=k,
                                            moe_intermediate_size=I), 97)
     torch.manual_seed(seed)
@@ -43,8 +43,14 @@ def naive_moe(x, router_w, k, w1, w3, w2):
     return torch.stack(out)  # (N, D)
 
 
+@pytest.mark.parametrize("grouped_mm", [True, False], ids=["grouped_mm", "loop"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_grouped_dispatch_equals_per_token_loop(dtype, tol):
+def test_grouped_dispatch_equals_per_token_loop(dtype, tol, grouped_mm, monkeypatch):
+    import pipeline.moe
+
+    if grouped_mm and not pipeline.moe.use_grouped_mm(torch.zeros(1, 16, dtype=dtype), torch.zeros(1, 16, 16)):
+        pytest.skip("torch._grouped_mm does not take this case here")
+    monkeypatch.setattr(pipeline.moe, "use_grouped_mm", lambda x, w1: grouped_mm)
     m = moe_block(dtype)
     x = torch.randn(2, 9, 16, dtype=dtype)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -232,7 +238,7 @@ def test_matches_transformers_qwen3_moe_block():
 
     m = moe_block()
     hf_cfg = transformers.Qwen3MoeConfig(hidden_size=16, num_experts=6, num_experts_per_tok=2,
-                                         moe_intermediate_size=12, norm_topk_prob=True, num_attention_heads=4,
+                                         moe_intermediate_size=16, norm_topk_prob=True, num_attention_heads=4,
                                          num_key_value_heads=2, head_dim=4)
     hf = q.Qwen3MoeSparseMoeBlock(hf_cfg)
     with torch.no_grad():
