@@ -395,6 +395,84 @@ def test_two_fsdp_workers_under_ray_train_equal_the_ray_free_step(tmp_path, ray_
         torch.testing.assert_close(sd_ray[k], sd_plain[k], rtol=1e-5, atol=1e-5, msg=k)
 
 
+class _DirReporter:
+    """A Ray-free reporter for the forked FSDP2 ranks below: checkpoints stay in their staging folders (DCP
+    writes one shard per rank; rank 0 writes meta.json), rank 0's metrics go to a JSON Lines file."""
+
+    is_chief = True
+
+    def __init__(self, root, rank):
+        self.root, self.rank = root, rank
+
+    def staging_dir(self, step):
+        import os
+
+        return os.path.join(self.root, f"step_{step:08d}")
+
+    def report(self, metrics, checkpoint_staging, step):
+        import json
+        import os
+
+        if self.rank == 0 and metrics:
+            with open(os.path.join(self.root, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+
+    def latest_checkpoint(self):
+        import contextlib
+
+        return contextlib.nullcontext(None)
+
+    def last_good_checkpoint(self):
+        return None
+
+
+def _fsdp_rank(rank, world, init_file, root):
+    import torch.distributed as dist
+
+    from pipeline.loop import Trainer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        cfg = loop_cfg()
+        Trainer(cfg, StreamSource(stream(), cfg), _DirReporter(root, rank), vocab_size=VOCAB).run()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_checkpoint_of_two_fsdp_ranks_resumes_with_one(tmp_path):
+    """N -> M: 2 FSDP2 ranks (expert tensors sharded along E) train 8 steps; their step-4 checkpoint (the switch)
+    resumes in one process and steps 5-8 match both the 2-rank run and an uninterrupted single-process run."""
+    import json
+    import os
+    import shutil
+    import sys
+
+    import torch.multiprocessing as mp
+
+    root = str(tmp_path / "fsdp")
+    os.makedirs(root)
+    import torch.distributed.checkpoint.state_dict  # noqa: F401  (imported before forking)
+    import torch.distributed.fsdp  # noqa: F401
+
+    ray_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()  # don't fork Ray's threads
+    method = "fork" if "fork" in mp.get_all_start_methods() and not ray_up else "spawn"
+    mp.start_processes(_fsdp_rank, args=(2, str(tmp_path / "pg"), root), nprocs=2, join=True, start_method=method)
+    two = {r["step"]: r for r in map(json.loads, open(os.path.join(root, "metrics.jsonl"))) if r.get("kind") != "final"}
+    assert len([f for f in os.listdir(os.path.join(root, "step_00000004")) if f.endswith(".distcp")]) == 2
+    os.makedirs(tmp_path / "one" / "checkpoints")
+    shutil.copytree(os.path.join(root, "step_00000004"), tmp_path / "one" / "checkpoints" / "step_00000004")
+    cfg = loop_cfg()
+    _, resumed, _ = run_local(cfg, str(tmp_path / "one"))
+    _, plain, _ = run_local(cfg, str(tmp_path / "plain"))
+    ref = {r["step"]: r for r in plain}
+    assert [r["step"] for r in resumed] == [5, 6, 7, 8] and two[4]["world_size"] == 2
+    for r in resumed:
+        for k in ("train_loss", "moe_aux_loss"):
+            assert r[k] == pytest.approx(two[r["step"]][k], rel=1e-4), (r["step"], k)
+            assert r[k] == pytest.approx(ref[r["step"]][k], rel=1e-4), (r["step"], k)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Export: a trained tiny-moe checkpoint -> Qwen3MoeForCausalLM folder that transformers loads
 # ---------------------------------------------------------------------------------------------------------------
