@@ -128,6 +128,15 @@ def main():
     interval = plan.get("resize_interval_s")
     extra = [f"scaling.elastic_resize_interval_s={interval}"] if interval is not None else []
     cfg = apply_overrides(Config(), plan["overrides"] + extra)
+    # A node-local store on this multi-node cluster is refused in one line (the run below declares the disk shared)
+    from types import SimpleNamespace
+
+    try:
+        runner.check_store_reachable(apply_overrides(cfg.copy(), ["data.store_shared=false"]),
+                                     SimpleNamespace(uri=os.path.join(plan["out"], "stores", "any")))
+        out["node_local_store"] = "accepted"
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        out["node_local_store"] = f"{type(e).__name__}: {e}"
 
     def train():
         try:

@@ -54,7 +54,7 @@ OVERRIDES = [
     "model.intermediate_size=128", "data.source=builtin:wiki", "data.max_documents=300", "data.tokenizer=bpe:512",
     f"data.seq_len={L}", "data.val_windows=8", f"data.bag_size={S}", "train.switch_fraction=0.3",
     f"train.steps={T}", f"train.global_batch_size={B}", "train.micro_batch_size=1", "train.lr=3e-3",
-    "train.warmup_steps=2", "train.log_every=1", "train.eval_every=1000", f"train.checkpoint_every={CKPT_EVERY}",
+    "train.warmup_steps=2", "train.log_every=1", "train.eval_every=5", f"train.checkpoint_every={CKPT_EVERY}",
     "train.keep_checkpoints=3", "scaling.num_workers=2", "scaling.min_workers=1", "scaling.cpus_per_worker=0.5",
     "scaling.max_failures=10", "scaling.worker_resources={train_node: 1}", "run.tracking=false",
     # the fake nodes share this machine's disk; a real multi-node cluster puts the store on s3:// or gs://
@@ -178,6 +178,16 @@ def test_elastic_shrinks_continues_and_grows_back(elastic_run):
     # exact data position and the same global batch at every world size: each logged step (including redone
     # ones) equals the one-process reference, and the data counters follow the closed form
     ref = elastic_run["reference"]
+    # val_loss is the same held-out set whatever the world size (ranks pad, nothing is dropped)
+    val_sizes = set()
+    for r in recs:
+        if "val_loss" in r and "val_loss" in ref.get(r["step"], {}):
+            val_sizes.add(r["world_size"])
+            assert r["val_loss"] == pytest.approx(ref[r["step"]]["val_loss"], rel=2e-4), (r["step"], r["world_size"])
+    assert val_sizes == {1, 2}, val_sizes
+    # a node-local token store is refused on this 3-node cluster, in one line, before anything starts
+    refusal = elastic_run["node_local_store"]
+    assert "is on this node's local disk, but the cluster has 3 nodes" in refusal and "\n" not in refusal
     for r in recs:
         k = r["step"]
         assert r["raw_tokens"] == _raw_tokens(k) == ref[k]["raw_tokens"], k

@@ -307,6 +307,13 @@ def test_mlflow_records_params_metrics_artifacts_and_backfills(shared_out, tmp_p
     assert [m.step for m in sup] == [1, 2, 3]
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"loss_curve.png", "config.yaml"} <= arts
+    # what the data did: the store's counts in summary.json and MLflow (300 records of builtin:wiki, none skipped)
+    d = summary["data"]
+    assert d["records"] == 300 and d["documents"] + d["val_documents"] == 300 and d["skipped"]["empty"] == 0
+    m = run.data.metrics
+    assert m["data_documents"] == d["documents"] and m["data_train_tokens"] == d["train_tokens"]
+    assert m["data_skipped_malformed_json"] == 0 and m["data_nul_documents"] == 0
+    assert run.data.tags["tst.data_store"] == d["store"]
     # a server that was away: records only in metrics.jsonl are back-filled, once
     history = JsonlWriter(os.path.join(out, "runs", "tracked", "metrics.jsonl")).read()
     fresh = MlflowTracker(uri, "tst", "copy")
