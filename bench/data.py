@@ -77,7 +77,7 @@ def bench_prepare(cfg, tok, out: str, mode: str) -> dict:
 READER = r"""
 import json, sys, time
 from pipeline.data.plan import StreamPlan
-from pipeline.data.reader import StoreSource
+from pipeline.data.batch import StoreSource
 a = json.loads(sys.argv[1])
 plan = StreamPlan(**a["plan"])
 src = StoreSource(a["uri"], plan, verify=False, read_block_mb=a.get("block_mb", 8.0))

@@ -268,7 +268,7 @@ def make_source(data: dict, *, total_steps: int, switch_fraction: float, bag_siz
                 global_batch_size: int, val_windows: int):
     """The project's own window source over the store: the reader every rank of a training run uses."""
     from pipeline.data.plan import StreamPlan
-    from pipeline.data.reader import StoreSource
+    from pipeline.data.batch import StoreSource
 
     plan = StreamPlan(total_steps=total_steps, switch_fraction=switch_fraction, bag_size=bag_size,
                       seq_len=seq_len, global_batch_size=global_batch_size, val_windows=val_windows)

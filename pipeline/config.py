@@ -85,6 +85,15 @@ class DataConfig:
     verify_checksums: bool = True  # sha256 of each local shard at its first read in a process
     writer_timeout_s: float = 120.0  # a store writer silent this long is dead: readers fail, preparers take over
     read_block_mb: float = 8.0  # object stores: ranged-read block size (sequential read-ahead)
+    # What a batch is (pipeline/data/lanes.py): "lanes" (row b of every step reads lane b of the shuffled epoch)
+    # or "stream" (B consecutive windows in stream order; with shuffle=false it trains behind a store being written)
+    batch_layout: str = "lanes"
+    shuffle: bool = True  # permute the epoch by chunks, anew each epoch from (shuffle_seed, epoch); false: file order
+    shuffle_chunk_tokens: int = 65536  # shuffle granularity (memory: one int per chunk)
+    shuffle_seed: Optional[int] = None  # None: train.seed (so TST and its baseline with one seed read one stream)
+    # A weighted mixture of corpora: {name: {source: ..., weight: ..., [format, text_field, ...]}}; each gets its own
+    # store and its share of every batch's rows. Empty: data.source alone.
+    sources: dict = field(default_factory=dict)
     # Ray mode prepare: resources of the Ray Data read tasks and tokenizer actors; actor_resources
     # (e.g. {"data_node": 0.001}) pins them to CPU nodes of a cluster.
     read_cpus: float = 0.5

@@ -406,6 +406,8 @@ class Trainer:
             m["mfu"] = achieved / (self.peak_flops * self.world_size)
         if val_loss is not None:
             m["val_loss"] = val_loss
+        if hasattr(self.source, "data_metrics"):  # a mixture: training tokens read per source
+            m.update(self.source.data_metrics(done))
         if self._moe_interval:
             m.update(moe_metrics(self._moe_interval))
         return m

@@ -43,11 +43,12 @@ def default_run_name(cfg: Config) -> str:
 def check_inputs(cfg: Config) -> None:
     """List the data source (and val_source) now: a missing path is a one-line error in a second, before MLflow,
     Ray or any tokenizing starts."""
-    from pipeline.data import list_files
+    from pipeline.data import list_files, source_configs
 
-    list_files(cfg.data.source, cfg.data)
-    if cfg.data.val_source:
-        list_files(cfg.data.val_source, cfg.data)
+    for _, d, _ in source_configs(cfg.data):
+        list_files(d.source, d)
+        if d.val_source:
+            list_files(d.val_source, d)
 
 
 def prepare_data(cfg: Config, output_dir: str, mode: str, wait: str = "complete", console: bool = False):
@@ -69,11 +70,12 @@ def check_store_reachable(cfg: Config, source) -> None:
     from pipeline.data.store import is_remote
     from pipeline.errors import DataError
 
-    if is_remote(source.uri) or cfg.data.store_shared:
+    local = [u for u in getattr(source, "uris", [source.uri]) if not is_remote(u)]
+    if not local or cfg.data.store_shared:
         return
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) > 1:
-        raise DataError(f"the token store {source.uri} is on this node's local disk, but the cluster has {len(nodes)} "
+        raise DataError(f"the token store {local[0]} is on this node's local disk, but the cluster has {len(nodes)} "
                         f"nodes; set data.store to s3://... or gs://... (or a shared filesystem with data.store_shared=true)")
 
 

@@ -15,9 +15,11 @@ from pipeline.tokenizer import load_tokenizer
 
 
 def make_cfg(source, **kv):
+    """The stream layout in file order: the contract these tests check window by window (lanes and shuffling:
+    tests/test_lanes.py)."""
     base = {"data.source": source, "data.tokenizer": "bpe:400", "data.seq_len": 8, "data.bag_size": 3,
             "data.val_fraction": 0.1, "data.val_windows": 4, "train.steps": 10, "train.switch_fraction": 0.4,
-            "train.global_batch_size": 4}
+            "train.global_batch_size": 4, "data.batch_layout": "stream", "data.shuffle": False}
     base.update(kv)
     return apply_overrides(Config(), {k: v for k, v in base.items()})
 

@@ -4,8 +4,10 @@
     records.py  one file -> records -> rows (train / held out / skipped, with counts); the held-out hash split
     prepare.py  rows -> tokens (one tokenization loop) -> shards, by Ray Data or in-process, byte-identical
     store.py    the store's layout, id, atomic commit and preparer's lock, on local disk or object storage
-    reader.py   a rank reads its windows of any step by offset (mmap / ranged reads), the WindowSource
-    plan.py     StreamPlan: which stream offsets each step reads (a pure function of the step)
+    reader.py   TokenStore: read any range of a store by offset (mmap / ranged reads); prefetching
+    plan.py     StreamPlan: the schedule facts of a step (phase, bag size, stride, raw tokens before it)
+    lanes.py    what a batch is: lanes across the shuffled epoch, mixture rows (a pure function of the step)
+    batch.py    StoreSource, the WindowSource: a rank's rows of any step, read from one or several stores
     source.py   a run's data: find or prepare its store, open a source over it (`build_source`)
 
 Tokenizing happens once per (source, tokenizer, split settings); every run, resume, retry and Tune trial on the
@@ -24,8 +26,11 @@ _EXPORTS = {
     "is_val_document": "records", "iter_rows": "records", "SKIP_REASONS": "records",
     "tokenize_rows": "prepare", "run_prepare": "prepare",
     "Storage": "store",
-    "TokenStore": "reader", "StoreSource": "reader", "cut_windows": "reader",
+    "TokenStore": "reader", "cut_windows": "reader",
+    "StoreSource": "batch", "Component": "batch",
+    "EpochOrder": "lanes", "LaneSchedule": "lanes", "assign_rows": "lanes",
     "build_source": "source", "ensure_store": "source", "open_source": "source", "plan_store": "source",
+    "source_configs": "source",
 }
 
 

@@ -32,7 +32,6 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from pipeline.data import store as S
-from pipeline.data.plan import StreamPlan
 from pipeline.errors import DataError
 
 log = logging.getLogger("tst.data")
@@ -247,7 +246,7 @@ class TokenStore:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The window source (docs/interfaces.md's WindowSource) over a store
+# Helpers of the window source (pipeline/data/batch.py)
 # ---------------------------------------------------------------------------------------------------------------
 def cut_windows(seg: torch.Tensor, count: int, stride: int, length: int) -> torch.Tensor:
     """`count` windows of `length` tokens, `stride` apart, from a contiguous segment (a contiguous copy)."""
@@ -295,98 +294,3 @@ def prefetched(produce: Callable[[int], Any], steps: range, depth: int) -> Itera
     finally:
         stop.set()
         th.join(timeout=30)  # no reader thread outlives its consumer (torch work at interpreter exit aborts)
-
-
-class StoreSource:
-    """Windows of a run read from a token store; picklable (a few strings and the plan), so it rides inside
-    `train_loop_config` to Ray Train workers, each of which opens the store itself."""
-
-    def __init__(self, uri: str, plan: StreamPlan, doc_boundary: str = "cross", *, s3_endpoint: Optional[str] = None,
-                 tokenizer_path: Optional[str] = None, store_id: Optional[str] = None, verify: bool = True,
-                 writer_timeout_s: float = 120.0, read_block_mb: float = 8.0):
-        self.uri, self.plan, self.doc_boundary = uri, plan, doc_boundary
-        self.tokenizer_path, self.store_id = tokenizer_path, store_id or os.path.basename(uri.rstrip("/"))
-        self._opts = {"s3_endpoint": s3_endpoint, "verify": verify, "writer_timeout_s": writer_timeout_s,
-                      "read_block_mb": read_block_mb}
-        self._store: Optional[TokenStore] = None
-        self._last_epoch = -1
-
-    def __getstate__(self):
-        st = dict(self.__dict__)
-        st["_store"] = None
-        st.pop("_prepare", None)
-        return st
-
-    @property
-    def store(self) -> TokenStore:
-        if self._store is None:
-            self._store = TokenStore(self.uri, **self._opts)
-        return self._store
-
-    @property
-    def mask(self) -> bool:
-        return self.doc_boundary == "mask"
-
-    @property
-    def corpus_tokens(self) -> Optional[int]:
-        """Training tokens in one epoch (None while the store is still being written)."""
-        st = self.store
-        if not st.complete:
-            st.refresh()
-        return st.tokens("train") if st.complete else None
-
-    @property
-    def stats(self) -> dict:
-        return self.store.stats
-
-    def _windows(self, stream: str, a: int, count: int, stride: int, length: int):
-        end = a + (count - 1) * stride + length if count else a
-        w = cut_windows(self.store.read(stream, a, end), count, stride, length) if count else torch.zeros(0, length, dtype=torch.int64)
-        if not self.mask:
-            return w
-        d = cut_windows(self.store.read_doc_ids(stream, a, end), count, stride, length) if count else w.clone()
-        return w, d
-
-    def step_windows(self, step: int, rank: int = 0, world_size: int = 1):
-        """This rank's windows of `step`: (B/W, s_t*L + s_t) int64 (and doc ids in mask mode)."""
-        s = self.plan.bag_size_at(step)
-        a, count, stride = self.plan.rank_span(step, rank, world_size)
-        return self._windows("train", a, count, stride, s * self.plan.seq_len + s)
-
-    def iter_steps(self, start_step: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[tuple[int, Any]]:
-        self.plan._check_rank(rank, world_size)
-        for t, w in prefetched(lambda t: self.step_windows(t, rank, world_size), range(start_step, self.plan.total_steps),
-                               self.plan.prefetch_steps):
-            if rank == 0:
-                self._log_epoch(t)
-            yield t, w
-
-    def _log_epoch(self, step: int) -> None:
-        if self.corpus_tokens:
-            e = int(self.epoch_at(step))
-            if e > self._last_epoch:
-                if self._last_epoch >= 0:
-                    log.info("data: epoch %d of the corpus begins at step %d", e + 1, step)
-                self._last_epoch = e
-
-    def val_windows(self):
-        """The first data.val_windows non-overlapping (L+1)-token windows of the held-out stream: the same set
-        whatever the world size."""
-        L = self.plan.seq_len
-        st = self.store
-        need = self.plan.val_windows * L + 1
-        if self.plan.val_windows > 0 and not st.complete and st.tokens("val") < need:
-            st.wait_for("val", need)
-        n_val = st.tokens("val")
-        k = 0 if n_val <= L else min(self.plan.val_windows, (n_val - 1) // L)
-        return self._windows("val", 0, k, L, L + 1)
-
-    def epoch_at(self, step: int) -> float:
-        n = self.corpus_tokens
-        return self.plan.offset(step) / n if n else 0.0
-
-    def close(self) -> None:
-        prep = self.__dict__.get("_prepare")
-        if prep is not None:
-            prep.detach()
-        self._store = None

@@ -19,7 +19,8 @@ from typing import Optional
 from pipeline.data import store as S
 from pipeline.data.files import list_files
 from pipeline.data.plan import StreamPlan
-from pipeline.data.reader import StoreSource, TokenStore
+from pipeline.data.batch import Component, StoreSource
+from pipeline.data.reader import TokenStore
 from pipeline.errors import DataError
 
 log = logging.getLogger("tst.data")
@@ -148,45 +149,87 @@ def check_corpus(stats: dict, n_tokens: int, plan: StreamPlan, source: str) -> N
         )
 
 
+SOURCE_KEYS = ("source", "weight", "format", "text_field", "text_split", "val_source", "val_fraction", "split_seed",
+               "max_documents", "on_bad_record")
+
+
+def source_configs(d) -> list[tuple[str, object, float]]:
+    """(name, data config, weight) of each store a run reads: `data.sources` (a mixture), else `data.source`."""
+    import dataclasses
+
+    if not d.sources:
+        return [("main", d, 1.0)]
+    out = []
+    for name, spec in d.sources.items():
+        if isinstance(spec, str):
+            spec = {"source": spec}
+        if not isinstance(spec, dict) or "source" not in spec:
+            raise DataError(f"data.sources.{name} needs a 'source' (and a 'weight'), e.g. "
+                            f"data.sources={{web: {{source: s3://b/web/, weight: 0.7}}, ...}}")
+        bad = sorted(set(spec) - set(SOURCE_KEYS))
+        if bad:
+            raise DataError(f"data.sources.{name}: unknown key '{bad[0]}'; a source may set {', '.join(SOURCE_KEYS)}")
+        weight = float(spec.get("weight", 1.0))
+        if not weight > 0:
+            raise DataError(f"data.sources.{name}.weight must be > 0, got {spec.get('weight')!r}")
+        over = {k: v for k, v in spec.items() if k != "weight"}
+        out.append((str(name), dataclasses.replace(d, sources={}, **over), weight))
+    return out
+
+
 def build_source(cfg, output_dir: str = "outputs", mode: str = "local", tokenizer=None, wait: str = "complete",
                  console: bool = False) -> StoreSource:
-    """The window source of a run: its token store (prepared once, shared by every run on the same data) read by
-    offset. mode: how a missing store is prepared ("ray": a Ray Data job, needs ray.init(); "local": in-process;
-    "memory" is accepted as "local"). wait: "complete", or "first" to return once the first shard is committed.
-    Input errors (missing path, empty corpus, corpus smaller than one window) raise DataError here, on the driver.
+    """The window source of a run: its token store(s) (prepared once, shared by every run on the same data) read
+    by offset, as lanes of the shuffled epoch (pipeline/data/lanes.py). mode: how a missing store is prepared
+    ("ray": a Ray Data job, needs ray.init(); "local": in-process; "memory" is accepted as "local"). wait:
+    "complete", or "first" to return once the first shard is committed -- honoured only where the layout can
+    read behind the writer (data.batch_layout=stream with data.shuffle=false); lanes and shuffling need the
+    whole epoch, so they wait for the complete store. Input errors (missing path, empty corpus, corpus smaller
+    than a window) raise DataError here, on the driver, before any worker starts.
     """
+    from pipeline.data.lanes import check_layout
+
     plan = StreamPlan.from_config(cfg)
     d = cfg.data
     if d.doc_boundary not in ("cross", "mask"):
         raise DataError(f"data.doc_boundary must be 'cross' or 'mask', got {d.doc_boundary!r}")
+    check_layout(d.batch_layout)
     plan._check_rank(0, max(1, cfg.scaling.num_workers))
+    parts = source_configs(d)
+    if d.batch_layout == "stream" and len(parts) > 1:
+        raise DataError("data.sources (a mixture) needs data.batch_layout=lanes")
     from pipeline.tokenizer import load_tokenizer
 
     tok = tokenizer or load_tokenizer(d, output_dir)
-    prep = ensure_store(d, tok, output_dir, "local" if mode == "memory" else mode, wait=wait, console=console)
-    src = StoreSource(prep.uri, plan, d.doc_boundary, s3_endpoint=d.s3_endpoint, tokenizer_path=tok.path,
-                      store_id=prep.id, verify=d.verify_checksums, writer_timeout_s=d.writer_timeout_s,
-                      read_block_mb=d.read_block_mb)
-    src._prepare = prep
-    store = src.store
-    if store.complete:
-        check_corpus(store.stats, store.tokens("train"), plan, d.source)
+    streaming_ok = d.batch_layout == "stream" and not d.shuffle
+    preps = [ensure_store(dc, tok, output_dir, "local" if mode == "memory" else mode,
+                          wait=wait if streaming_ok else "complete", console=console) for _, dc, _ in parts]
+    comps = [Component(name, p.uri, w, p.id) for (name, _, w), p in zip(parts, preps)]
+    src = StoreSource(None, plan, d.doc_boundary, components=comps, layout=d.batch_layout, shuffle=d.shuffle,
+                      chunk_tokens=d.shuffle_chunk_tokens,
+                      seed=d.shuffle_seed if d.shuffle_seed is not None else cfg.train.seed,
+                      s3_endpoint=d.s3_endpoint, tokenizer_path=tok.path, verify=d.verify_checksums,
+                      writer_timeout_s=d.writer_timeout_s, read_block_mb=d.read_block_mb)
+    src._prepare = preps
+    if all(st.complete for st in src.stores):
+        for (name, dc, _), st in zip(parts, src.stores):
+            check_corpus(st.stats, st.tokens("train"), plan, dc.source)
         _log_plan(src, plan, d)
     else:
         log.info("data: training starts while %s is still being written (%d train tokens committed so far)",
-                 prep.uri, store.tokens("train"))
+                 src.uri, src.store.tokens("train"))
     return src
 
 
 def _log_plan(src: StoreSource, plan: StreamPlan, d) -> None:
     n = src.corpus_tokens
-    need = plan.tokens_needed()
-    epochs = need / n
-    log.info("data: %d train tokens, run reads %d tokens = %.2f epoch(s)", n, need, epochs)
+    epochs = src.epoch_at(plan.total_steps) if plan.total_steps else 0.0
+    log.info("data: %d train tokens, run reads %d tokens = %.2f epoch(s) (%s layout%s)", n, plan.tokens_needed(),
+             epochs, d.batch_layout, ", shuffled" if d.shuffle else "")
     if d.max_epochs is not None and epochs > d.max_epochs:
         raise DataError(
-            f"the run reads {need} tokens = {epochs:.2f} epochs of a {n}-token corpus, more than data.max_epochs="
-            f"{d.max_epochs}; add data, lower train.steps, or raise data.max_epochs"
+            f"the run reads {epochs:.2f} epochs of a {n}-token corpus, more than data.max_epochs={d.max_epochs}; "
+            f"add data, lower train.steps, or raise data.max_epochs"
         )
     if epochs > 1:
         log.warning("data: the run makes %.2f passes over the corpus (TST reads s times more data per step)", epochs)
@@ -194,6 +237,5 @@ def _log_plan(src: StoreSource, plan: StreamPlan, d) -> None:
 
 def open_source(uri: str, plan: StreamPlan, doc_boundary: str = "cross", **kw) -> StoreSource:
     """A window source over an existing store (e.g. the GPU check, or a store prepared elsewhere)."""
-    src = StoreSource(uri, plan, doc_boundary, **kw)
     TokenStore(uri, kw.get("s3_endpoint"))  # fails now, in one line, when there is no store there
-    return src
+    return StoreSource(uri, plan, doc_boundary, **kw)
