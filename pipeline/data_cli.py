@@ -163,6 +163,7 @@ def inspect(cfg, max_bags: int = 48, no_ray: bool = False) -> dict:
                 "tokens_read": plan.tokens_needed(), "epochs": round(plan.tokens_needed() / n, 3),
                 "val_windows": int(src.val_windows()[0].shape[0] if isinstance(src.val_windows(), tuple) else src.val_windows().shape[0])},
         "doc_boundary": cfg.data.doc_boundary,
+        "batch": src.layout_summary(),
     }
     w0 = src.step_windows(0, 0, 1)
     w0 = w0[0] if isinstance(w0, tuple) else w0
@@ -199,6 +200,14 @@ def cmd_inspect(args) -> int:
     print(f"run           {r['steps']} steps (superposition 0..{r['switch_step'] - 1}), batch {r['global_batch']}, "
           f"reads {r['tokens_read']:,} tokens = {r['epochs']} epoch(s); {r['val_windows']} held-out windows; "
           f"doc boundary: {info['doc_boundary']}")
+    b = info["batch"]
+    how = "lanes across the epoch" if b["layout"] == "lanes" else "consecutive windows in stream order"
+    order = (f"shuffled in chunks of {b['shuffle_chunk_tokens']:,} tokens, seed {b['seed']}" if b["shuffle"]
+             else "file order")
+    print(f"batch         {how}; {order}")
+    for name, c in (b.get("sources") or {}).items():
+        print(f"  source {name}: weight {c['weight']:.3g}, {c['rows']} row(s) of every step, lanes of "
+              f"{c['lane_tokens']:,} tokens, {c['epochs_run']:.2f} epoch(s) over the run")
     sm = info["sample"]
     print(f"\nsample window (step {sm['step']}, {sm['phase']}, each [..] is one bag of {sm['bag_size']} token(s)):")
     print(sm["text"])
