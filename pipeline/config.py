@@ -81,7 +81,7 @@ class DataConfig:
     # shared filesystem (then set store_shared=true).
     store: Optional[str] = None
     store_shared: bool = False  # a local-path store on a filesystem every node mounts (NFS, Lustre, ...)
-    shard_tokens: int = 1 << 24  # tokens per shard (16M = 32 MB as uint16); part of the store's id
+    shard_tokens: int = 1 << 22  # tokens per shard (4M = 8 MB as uint16): a streaming run starts after one; in the id
     verify_checksums: bool = True  # sha256 of each local shard at its first read in a process
     writer_timeout_s: float = 120.0  # a store writer silent this long is dead: readers fail, preparers take over
     read_block_mb: float = 8.0  # object stores: ranged-read block size (sequential read-ahead)
