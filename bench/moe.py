@@ -125,12 +125,12 @@ def main(argv=None) -> int:
         for _ in range(3):
             td += time_fwd_bwd(dense, x, args.repeats // 3 or 1, args.warmup, device)
             tm += time_fwd_bwd(moe, x, args.repeats // 3 or 1, args.warmup, device)
-            pipeline.moe.use_grouped_mm = lambda x, w1: False
+            pipeline.moe.use_grouped_mm = lambda x, w13: False
             tl += time_fwd_bwd(moe, x, args.repeats // 3 or 1, args.warmup, device)
             pipeline.moe.use_grouped_mm = auto
         d_ms, m_ms, l_ms = (statistics.median(t) * 1e3 for t in (td, tm, tl))
         row = {"shape": name, "D": D, "E": E, "k": k, "I": I, "N": N, "dense_ms": d_ms, "moe_ms": m_ms,
-               "ratio": m_ms / d_ms, "moe_path": "grouped_mm" if auto(x.reshape(N, D), moe.w1) else "loop",
+               "ratio": m_ms / d_ms, "moe_path": "grouped_mm" if auto(x.reshape(N, D), moe.w13) else "loop",
                "moe_loop_ms": l_ms, "loop_ratio": l_ms / d_ms}
         if device.type == "cpu":
             row["moe_profile_ms"] = profile(moe, x)

@@ -388,7 +388,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             if layer.is_moe:
                 ff = layer.feed_forward
-                per_expert = sum(p[0].numel() for p in (ff.w1, ff.w3, ff.w2))
+                per_expert = ff.w13[0].numel() + ff.w2[0].numel()
                 n -= (c.num_experts - c.experts_per_token) * per_expert
         return n
 
@@ -476,7 +476,8 @@ HF_NAME_MAP = {  # ours (per-layer part after "layers.{i}.") -> HF LlamaForCausa
 }
 # MoE expert tensors (E, ., .) <-> one matrix per expert j: mlp.experts.{j}.<name>.weight, the on-disk layout of
 # the published Qwen3-MoE checkpoints (transformers 4.x loads it as is; 5.x merges it into gate_up_proj/down_proj).
-HF_EXPERT_MAP = {"feed_forward.w1": "gate_proj", "feed_forward.w3": "up_proj", "feed_forward.w2": "down_proj"}
+# w13 (E, 2I, D) holds gate_proj (rows :I) then up_proj (rows I:), as transformers 5's gate_up_proj.
+HF_EXPERT_MAP = {"feed_forward.w13": ("gate_proj", "up_proj"), "feed_forward.w2": ("down_proj",)}
 _TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
         "lm_head.weight": "lm_head.weight"}
 
@@ -497,8 +498,10 @@ def to_hf_state_dict(sd: dict) -> dict:
     for k, v in sd.items():
         parts = k.split(".", 2)
         if parts[0] == "layers" and len(parts) == 3 and parts[2] in HF_EXPERT_MAP:
+            names = HF_EXPERT_MAP[parts[2]]
             for j in range(v.shape[0]):
-                out[f"model.layers.{parts[1]}.mlp.experts.{j}.{HF_EXPERT_MAP[parts[2]]}.weight"] = v[j]
+                for name, m in zip(names, v[j].chunk(len(names), dim=0)):  # w13[j] -> gate, up
+                    out[f"model.layers.{parts[1]}.mlp.experts.{j}.{name}.weight"] = m
         else:
             out[hf_name(k)] = v
     return out
@@ -508,8 +511,8 @@ def from_hf_state_dict(sd: dict) -> dict:
     """LlamaForCausalLM's state dict -> ours (ignores HF's non-persistent extras such as rotary inv_freq)."""
     inv = {v: k for k, v in _TOP.items()}
     rev = {hv: ov for ov, hv in HF_NAME_MAP.items()}
-    rev_expert = {hv: ov for ov, hv in HF_EXPERT_MAP.items()}
-    out, experts = {}, {}  # experts: (layer, our name) -> {j: (., .) matrix}
+    rev_expert = {hv: (ov, pos) for ov, hvs in HF_EXPERT_MAP.items() for pos, hv in enumerate(hvs)}
+    out, experts = {}, {}  # experts: (layer, our name) -> {j: {position: (., .) matrix}}
     for k, v in sd.items():
         if k in inv:
             out[inv[k]] = v
@@ -522,10 +525,11 @@ def from_hf_state_dict(sd: dict) -> dict:
                 continue
             sub = rest.split(".")
             if len(sub) == 5 and sub[:2] == ["mlp", "experts"] and sub[3] in rev_expert and sub[4] == "weight":
-                experts.setdefault((i, rev_expert[sub[3]]), {})[int(sub[2])] = v  # per-expert (disk) layout
+                ours, pos = rev_expert[sub[3]]  # per-expert (disk) layout
+                experts.setdefault((i, ours), {}).setdefault(int(sub[2]), {})[pos] = v
                 continue
-            if rest == "mlp.experts.gate_up_proj":  # transformers 5 in memory: (E, 2I, D) = cat(w1, w3)
-                out[f"layers.{i}.feed_forward.w1"], out[f"layers.{i}.feed_forward.w3"] = v.chunk(2, dim=1)
+            if rest == "mlp.experts.gate_up_proj":  # transformers 5 in memory: (E, 2I, D), our w13
+                out[f"layers.{i}.feed_forward.w13"] = v
                 continue
             if rest == "mlp.experts.down_proj":  # (E, D, I)
                 out[f"layers.{i}.feed_forward.w2"] = v
@@ -533,6 +537,7 @@ def from_hf_state_dict(sd: dict) -> dict:
         if k.endswith("rotary_emb.inv_freq"):
             continue
         raise KeyError(f"unexpected Hugging Face parameter {k!r}")
-    for (i, name), mats in experts.items():
-        out[f"layers.{i}.{name}"] = torch.stack([mats[j] for j in range(len(mats))])  # (E, ., .)
+    for (i, name), mats in experts.items():  # (E, ., .); gate and up concatenated along rows for w13
+        out[f"layers.{i}.{name}"] = torch.stack([torch.cat([mats[j][p] for p in sorted(mats[j])])
+                                                 for j in range(len(mats))])
     return out

@@ -6,7 +6,7 @@ their own; model.py only chooses, per layer, this block or the dense SwiGLU, lik
 What it computes (transformers/models/qwen3_moe/modeling_qwen3_moe.py, checked with transformers 5.24):
 - a linear router (no bias) gives logits (N, E); the softmax is taken in float32; the top-k probabilities are
   renormalised to sum to 1 (Qwen3's `norm_topk_prob = True`) and cast back to the compute dtype;
-- each chosen expert is a SwiGLU `w2(silu(w1 x) * w3 x)`; the token's output is the weighted sum over its k
+- each chosen expert is a SwiGLU `down(silu(gate x) * up x)`; the token's output is the weighted sum over its k
   experts; no shared expert;
 - dropless: every token reaches all k of its experts, however unbalanced the routing (no capacity factor).
 
@@ -20,13 +20,13 @@ reduce-scatter needs the same parameters on all ranks. `naive_moe` in tests/test
 reference both paths are tested against.
 
 Parameters (per MoE layer), with their Hugging Face names:
-  router.weight (E, D)  -> mlp.gate.weight
-  w1 (E, I, D)          -> mlp.experts.{j}.gate_proj.weight   (one (I, D) matrix per expert j)
-  w3 (E, I, D)          -> mlp.experts.{j}.up_proj.weight
-  w2 (E, D, I)          -> mlp.experts.{j}.down_proj.weight
-Stored 3-D so that FSDP2 shards them along the expert dimension (dim 0) and the grouped kernel reads them as
-they are; transformers 5 holds the same tensors fused as `experts.gate_up_proj` (E, 2I, D) = cat(w1, w3, dim 1)
-and `experts.down_proj` (E, D, I).
+  router.weight (E, D)  -> mlp.gate.weight                     (transformers 5 in memory: the same)
+  w13 (E, 2I, D)        -> mlp.experts.{j}.gate_proj.weight     = w13[j, :I]   (experts.gate_up_proj)
+                           mlp.experts.{j}.up_proj.weight       = w13[j, I:]
+  w2 (E, D, I)          -> mlp.experts.{j}.down_proj.weight     = w2[j]        (experts.down_proj)
+The 3-D tensors are transformers 5's `Qwen3MoeExperts` parameters exactly (gate and up fused, gate first), so
+one grouped matmul computes both; FSDP2 shards them along the expert dimension (dim 0). The per-expert names are
+the on-disk layout of the published Qwen3-MoE checkpoints (what `tst export` writes).
 
 The load-balancing loss (Switch Transformer, eq. 4-6, with top-k) is a GLOBAL-batch quantity, like the LM loss:
   aux = E / k * sum_e f_e P_e,   f_e = C_e / N (fraction of the N tokens that chose expert e; sums to k),
@@ -56,39 +56,40 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, k: int):
     return logits, probs, top_w.to(x.dtype), top_i
 
 
-def use_grouped_mm(x: torch.Tensor, w1: torch.Tensor) -> bool:
+def use_grouped_mm(x: torch.Tensor, w13: torch.Tensor) -> bool:
     """Whether `torch._grouped_mm` takes this case (see the module docstring); else the per-expert loop."""
     if not hasattr(torch, "_grouped_mm"):
         return False
-    E, I, D = w1.shape
+    E, I2, D = w13.shape
+    I = I2 // 2
     if x.is_cuda:
         return (x.dtype == torch.bfloat16 and D % 16 == 0 and I % 16 == 0
                 and torch.cuda.get_device_capability(x.device) >= (9, 0))
     return x.device.type == "cpu" and (D * x.element_size()) % 16 == 0 and (I * x.element_size()) % 16 == 0
 
 
-def expert_forward(x: torch.Tensor, top_w: torch.Tensor, top_i: torch.Tensor, w1: torch.Tensor,
-                   w3: torch.Tensor, w2: torch.Tensor, grouped_mm: bool | None = None) -> torch.Tensor:
-    """Dropless grouped dispatch. x (N, D), top_w / top_i (N, k), w1 / w3 (E, I, D), w2 (E, D, I) -> (N, D).
+def expert_forward(x: torch.Tensor, top_w: torch.Tensor, top_i: torch.Tensor, w13: torch.Tensor,
+                   w2: torch.Tensor, grouped_mm: bool | None = None) -> torch.Tensor:
+    """Dropless grouped dispatch. x (N, D), top_w / top_i (N, k), w13 (E, 2I, D), w2 (E, D, I) -> (N, D).
 
     Sort the N*k assignments by expert, run each expert on its contiguous group, scale by the routing weight,
     and add the rows back to their tokens (index_add). grouped_mm: None = `use_grouped_mm`; False = the loop."""
     N, k = top_i.shape
-    E = w1.shape[0]
+    E = w13.shape[0]
     flat = top_i.reshape(-1)  # (N*k,) expert of each assignment, token-major
     order = torch.argsort(flat, stable=True)  # (N*k,) assignments sorted by expert
     token = order // k  # (N*k,) token of each sorted assignment
     counts = torch.bincount(flat, minlength=E)  # (E,)
     xs = x[token]  # (N*k, D) grouped by expert
-    if grouped_mm if grouped_mm is not None else use_grouped_mm(x, w1):
+    if grouped_mm if grouped_mm is not None else use_grouped_mm(x, w13):
         offs = counts.cumsum(0).to(torch.int32)  # (E,) end of each group
-        gate = torch._grouped_mm(xs, w1.transpose(-2, -1), offs=offs)  # (N*k, I)
-        up = torch._grouped_mm(xs, w3.transpose(-2, -1), offs=offs)  # (N*k, I)
+        gate, up = torch._grouped_mm(xs, w13.transpose(-2, -1), offs=offs).chunk(2, dim=-1)  # (N*k, I) each
         ys = torch._grouped_mm(F.silu(gate) * up, w2.transpose(-2, -1), offs=offs)  # (N*k, D)
     else:
         outs = []
         for e, xe in enumerate(xs.split(counts.tolist())):  # one matmul per expert group (empty ones too)
-            outs.append((F.silu(xe @ w1[e].t()) * (xe @ w3[e].t())) @ w2[e].t())  # (n_e, D)
+            gate, up = (xe @ w13[e].t()).chunk(2, dim=-1)  # (n_e, I) each
+            outs.append((F.silu(gate) * up) @ w2[e].t())  # (n_e, D)
         ys = torch.cat(outs)  # (N*k, D)
     ys = ys * top_w.reshape(-1)[order, None]  # (N*k, D) weighted by the renormalised router probability
     return torch.zeros_like(x).index_add(0, token, ys.to(x.dtype))  # (N, D)
@@ -106,20 +107,22 @@ class MoEFeedForward(nn.Module):
         E, D, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.num_experts, self.k = E, cfg.experts_per_token
         self.router = nn.Linear(D, E, bias=False)  # HF mlp.gate
-        self.w1 = nn.Parameter(torch.empty(E, I, D))  # gate_proj of every expert
-        self.w3 = nn.Parameter(torch.empty(E, I, D))  # up_proj
+        self.w13 = nn.Parameter(torch.empty(E, 2 * I, D))  # gate_proj then up_proj of every expert (gate_up_proj)
         self.w2 = nn.Parameter(torch.empty(E, D, I))  # down_proj
 
     @torch.no_grad()
     def init_weights(self, std: float):
-        for p in (self.w1, self.w3, self.w2):
-            nn.init.normal_(p, mean=0.0, std=std)
+        E, I2, D = self.w13.shape  # gate then up, drawn as two separate (E, I, D) tensors, then down
+        gate, up = (torch.empty(E, I2 // 2, D, device=self.w13.device, dtype=self.w13.dtype).normal_(0.0, std)
+                    for _ in range(2))
+        self.w13.copy_(torch.cat([gate, up], dim=1))
+        nn.init.normal_(self.w2, mean=0.0, std=std)
 
     def forward(self, x):  # (B, L, D)
         B, L, D = x.shape
         xf = x.reshape(B * L, D)  # (N, D)
         logits, probs, top_w, top_i = route(xf, self.router.weight, self.k)  # (N, E), (N, E), (N, k), (N, k)
-        y = expert_forward(xf, top_w, top_i, self.w1, self.w3, self.w2)  # (N, D)
+        y = expert_forward(xf, top_w, top_i, self.w13, self.w2)  # (N, D)
         counts = torch.bincount(top_i.reshape(-1), minlength=self.num_experts).float()  # (E,)
         prob_sum = probs.sum(0)  # (E,)
         z_sum = torch.logsumexp(logits.float(), dim=-1).pow(2).sum()  # ()

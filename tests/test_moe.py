@@ -28,7 +28,7 @@ def moe_block(dtype=torch.float32, E=6, k=2, D=16, I=16, seed=0):
     return m.to(dtype)
 
 
-def naive_moe(x, router_w, k, w1, w3, w2):
+def naive_moe(x, router_w, k, w13, w2):
     """The reference: token by token, expert by expert (Qwen3MoeSparseMoeBlock's arithmetic, no grouping)."""
     out = []
     for t in range(x.shape[0]):
@@ -38,7 +38,8 @@ def naive_moe(x, router_w, k, w1, w3, w2):
         y = torch.zeros_like(x[t])
         for j in range(k):
             e = int(i[j])
-            y = y + w[j] * ((F.silu(w1[e] @ x[t]) * (w3[e] @ x[t])) @ w2[e].t())
+            gate, up = (w13[e] @ x[t]).chunk(2)  # (I,) each: gate_proj rows first, as transformers 5
+            y = y + w[j] * ((F.silu(gate) * up) @ w2[e].t())
         out.append(y)
     return torch.stack(out)  # (N, D)
 
@@ -48,23 +49,23 @@ def naive_moe(x, router_w, k, w1, w3, w2):
 def test_grouped_dispatch_equals_per_token_loop(dtype, tol, grouped_mm, monkeypatch):
     import pipeline.moe
 
-    if grouped_mm and not pipeline.moe.use_grouped_mm(torch.zeros(1, 16, dtype=dtype), torch.zeros(1, 16, 16)):
+    if grouped_mm and not pipeline.moe.use_grouped_mm(torch.zeros(1, 16, dtype=dtype), torch.zeros(1, 32, 16)):
         pytest.skip("torch._grouped_mm does not take this case here")
-    monkeypatch.setattr(pipeline.moe, "use_grouped_mm", lambda x, w1: grouped_mm)
+    monkeypatch.setattr(pipeline.moe, "use_grouped_mm", lambda x, w13: grouped_mm)
     m = moe_block(dtype)
     x = torch.randn(2, 9, 16, dtype=dtype)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya, _ = m(xa)  # (B, L, D) grouped by expert
-    params = [m.router.weight, m.w1, m.w3, m.w2]
+    params = [m.router.weight, m.w13, m.w2]
     yb = naive_moe(xb.reshape(-1, 16), *[params[0]], m.k, *params[1:]).view(2, 9, 16)
     g = torch.randn_like(ya)
     ga = torch.autograd.grad((ya * g).sum(), [xa] + params)
     gb = torch.autograd.grad((yb * g).sum(), [xb] + params)
     torch.testing.assert_close(ya.float(), yb.float(), rtol=tol, atol=tol)
-    for name, a, b in zip(["x", "router", "w1", "w3", "w2"], ga, gb):
+    for name, a, b in zip(["x", "router", "w13", "w2"], ga, gb):
         torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * max(1.0, b.abs().max().item()), msg=name)
     # every expert, chosen or not, has a gradient (zeros when no token chose it): FSDP2 needs them on every rank
-    assert ga[2].shape == m.w1.shape
+    assert ga[2].shape == m.w13.shape
 
 
 def test_unchosen_expert_gets_zero_gradient_not_none():
@@ -73,8 +74,8 @@ def test_unchosen_expert_gets_zero_gradient_not_none():
         m.router.weight[5] = -100.0  # expert 5 is never in anyone's top 2
     y, (counts, _, _) = m(torch.rand(1, 7, 16) + 0.1)  # positive inputs: expert 5's logit is very negative
     y.sum().backward()
-    assert counts[5] == 0 and m.w1.grad is not None and m.w1.grad[5].abs().max() == 0
-    assert m.w1.grad[counts > 0].abs().max() > 0
+    assert counts[5] == 0 and m.w13.grad is not None and m.w13.grad[5].abs().max() == 0
+    assert m.w13.grad[counts > 0].abs().max() > 0
 
 
 def test_topk_weights_renormalised():
@@ -243,7 +244,7 @@ def test_matches_transformers_qwen3_moe_block():
     hf = q.Qwen3MoeSparseMoeBlock(hf_cfg)
     with torch.no_grad():
         hf.gate.weight.copy_(m.router.weight)
-        hf.experts.gate_up_proj.copy_(torch.cat([m.w1, m.w3], dim=1))
+        hf.experts.gate_up_proj.copy_(m.w13)  # the same tensor: parameter for parameter
         hf.experts.down_proj.copy_(m.w2)
     x = torch.randn(3, 5, 16)
     with torch.no_grad():
@@ -389,7 +390,7 @@ def test_two_fsdp_workers_under_ray_train_equal_the_ray_free_step(tmp_path, ray_
     sd_plain, _ = load_model_state(str(tmp_path / "plain" / "checkpoints" / "step_00000001"))
     sd_ray, meta = load_model_state(os.path.join(run_dir, "step_00000001"))
     assert meta["world_size"] == 2 and sd_plain.keys() == sd_ray.keys()
-    assert "layers.0.feed_forward.w1" in sd_ray
+    assert "layers.0.feed_forward.w13" in sd_ray
     for k in sd_plain:  # atol: AdamW's first step, lr g / (|g| + eps), magnifies reduction-order noise on the
         # rare near-zero gradient (seen: 1 element of 1024 off by 2e-6, against steps of lr = 3e-3)
         torch.testing.assert_close(sd_ray[k], sd_plain[k], rtol=1e-5, atol=1e-5, msg=k)
