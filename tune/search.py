@@ -543,6 +543,7 @@ def plan_resources(cfg: Config, spec: SearchSpec, backend: str, n_trials: int) -
     # tiny recipe's workers ask for 0.5 to dodge the 2-core trap), so the budget counts whole cores per worker.
     train_cpus = workers * max(1.0, sc.cpus_per_worker)
     # The driver prepares the token store before any trial starts; trials only read it (no data share).
+    data_cpus = 0.0
     per_trial = float(spec.cpus_per_trial or train_cpus)
     limit = max(1, int(usable // per_trial + 1e-9))
     if sc.use_gpu:
