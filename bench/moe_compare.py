@@ -65,13 +65,20 @@ def report(png: str) -> None:
         recs, summ = read(name)
         vals = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
         color = COLORS[name]
-        a.plot(*zip(*vals), label=name, marker=".", color=color)
+        if vals:
+            a.plot(*zip(*vals), label=name, marker=".", color=color)
+        vals = vals or [(0, float("nan"))]
+        if recs[-1]["step"] < 400:
+            name = f"{name} (stopped at step {recs[-1]['step']})"
         sups = [r["step"] for r in recs if r["phase"] == "superposition"]
         sw = summ.get("switch_step") or (max(sups) if sups else 0)  # (a run still in superposition: so far)
         row = [name, str(recs[0]["bag_size"]), "", f"{vals[-1][1]:.4f}", "", f"{recs[-1]['raw_tokens']:,}",
                f"{recs[-1]['epoch']:.2f}", "", "", f"{summ.get('elapsed_s', recs[-1]['elapsed_s']):.0f} s"]
+        import yaml
+
+        cfg = yaml.safe_load(open(os.path.join(ROOT, OUT, "runs", name.split(" ")[0], "config.yaml")))
+        row[1], row[2] = str(cfg["data"]["bag_size"]), str(cfg["train"]["switch_fraction"] if sw else "")
         if sw:
-            row[2] = f"{sw / 400:.2f}"
             at = [v for s, v in vals if s == sw]
             row[4] = f"{at[0]:.4f}" if at else ""
         if "expert_load_max" in recs[-1]:
