@@ -49,7 +49,7 @@ def read(name: str) -> tuple[list[dict], dict]:
     return [r for r in recs if r.get("kind") != "final"], summary
 
 
-def report(png: str) -> None:
+def report(png: str, partial: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,6 +63,9 @@ def report(png: str) -> None:
         if not os.path.exists(os.path.join(ROOT, OUT, "runs", name, "metrics.jsonl")):
             continue
         recs, summ = read(name)
+        if not partial and not summ:
+            print(f"({name}: not finished, left out; --partial shows it)")
+            continue
         vals = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
         color = COLORS[name]
         if vals:
@@ -113,6 +116,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", action="store_true", help="train the runs first (skips runs that finished)")
     ap.add_argument("--png", default=os.path.join(ROOT, "docs", "moe_cpu.png"))
+    ap.add_argument("--partial", action="store_true", help="also table and plot runs that have not finished")
     args = ap.parse_args(argv)
     if args.run:
         tst = os.path.join(os.path.dirname(sys.executable), "tst")
@@ -120,7 +124,7 @@ def main(argv=None) -> int:
             if os.path.exists(os.path.join(ROOT, OUT, "runs", name, "summary.json")):
                 continue
             subprocess.run([tst, "train", *COMMON, f"run.name={name}", *over], cwd=ROOT, check=True)
-    report(args.png)
+    report(args.png, args.partial)
     return 0
 
 
