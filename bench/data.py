@@ -80,12 +80,14 @@ from pipeline.data.plan import StreamPlan
 from pipeline.data.batch import StoreSource
 a = json.loads(sys.argv[1])
 plan = StreamPlan(**a["plan"])
-src = StoreSource(a["uri"], plan, verify=False, read_block_mb=a.get("block_mb", 8.0))
+src = StoreSource(a["uri"], plan, verify=False, read_block_mb=a.get("block_mb", 1.0))
 t0 = time.perf_counter()
 it = src.iter_steps(a["start"], a["rank"], a["world"])
 _, w = next(it)
 first = time.perf_counter() - t0
 n = 0
+st = src.store
+b0, r0 = st.bytes_read, st.requests  # object storage: what the first step's cold blocks cost, apart
 t1 = time.perf_counter()
 for _ in range(a["steps"] - 1):  # the steady rate: after the first batch (thread start, cold pages)
     _, w = next(it)
@@ -94,7 +96,8 @@ dt = time.perf_counter() - t1
 it.close()
 st = src.store
 print(json.dumps({"first_s": first, "seconds": dt, "tokens": n, "window_tokens": int(w.shape[1]),
-                  "bytes": st.bytes_read, "requests": st.requests}))
+                  "bytes": st.bytes_read, "requests": st.requests, "bytes_after_first": st.bytes_read - b0,
+                  "requests_after_first": st.requests - r0}))
 """
 
 
@@ -145,6 +148,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokenize-batch", type=int, default=512)
     ap.add_argument("--skip-ray", action="store_true", help="no Ray Data prepare (in-process only)")
     ap.add_argument("--skip-s3", action="store_true")
+    ap.add_argument("--s3-steps", type=int, default=100, help="steps read from the S3 store (default 100)")
     ap.add_argument("--keep", default=None, help="keep the corpus and stores in this folder")
     args = ap.parse_args(argv)
 
@@ -233,7 +237,7 @@ def main(argv=None) -> int:
                 if name != "index.json":
                     dst.write(name, open(os.path.join(uri, name), "rb").read())
             dst.write("index.json", open(os.path.join(uri, "index.json"), "rb").read())
-            steps = min(20, steps_epoch)
+            steps = min(args.s3_steps, steps_epoch)
             s3 = run_reader({"uri": s3_store, "plan": plan_dict(steps_epoch, s, L, B), "start": 0, "rank": 0,
                              "world": 4, "steps": steps}, env)
             s3["steps"] = steps
@@ -258,9 +262,12 @@ def main(argv=None) -> int:
     print(f"  4 concurrent reader processes:       {agg:>14,.0f} tokens/s together "
           f"({', '.join('%.1fM' % (f['tokens'] / f['seconds'] / 1e6) for f in four)} each)")
     if s3:
-        print(f"  S3 (moto), rank 0 of 4, {s3['steps']} steps: {s3['bytes'] / s3['steps'] / 1e6:.2f} MB and "
-              f"{s3['requests'] / s3['steps']:.2f} GET requests per step (window bytes per step per rank: "
-              f"{per_step // 4 * 2 / 1e6:.2f} MB; block {8} MB)")
+        k = s3["steps"] - 1
+        print(f"  S3 (moto), rank 0 of 4 ({B // 4} lanes), {s3['steps']} steps, 1 MB blocks: after the first step "
+              f"{s3['bytes_after_first'] / k / 1e6:.3f} MB and {s3['requests_after_first'] / k:.2f} GET requests per "
+              f"step; the first step {(s3['bytes'] - s3['bytes_after_first']) / 1e6:.1f} MB in "
+              f"{s3['requests'] - s3['requests_after_first']} GETs (cold blocks); the windows themselves: "
+              f"{per_step // 4 * 2 / 1e6:.3f} MB per step per rank")
     print()
     print("resume: open the store and read the first batch at a fraction of an epoch (fresh process each)")
     for frac, r in resume.items():

@@ -84,7 +84,7 @@ class DataConfig:
     shard_tokens: int = 1 << 22  # tokens per shard (4M = 8 MB as uint16): a streaming run starts after one; in the id
     verify_checksums: bool = True  # sha256 of each local shard at its first read in a process
     writer_timeout_s: float = 120.0  # a store writer silent this long is dead: readers fail, preparers take over
-    read_block_mb: float = 8.0  # object stores: ranged-read block size (sequential read-ahead)
+    read_block_mb: float = 1.0  # object stores: ranged-read block size (read-ahead per lane; 2 blocks kept per row)
     # What a batch is (pipeline/data/lanes.py): "lanes" (row b of every step reads lane b of the shuffled epoch)
     # or "stream" (B consecutive windows in stream order; with shuffle=false it trains behind a store being written)
     batch_layout: str = "lanes"

@@ -47,7 +47,7 @@ class StoreSource:
                  layout: str = "lanes", shuffle: bool = True, chunk_tokens: int = 65536, seed: int = 0,
                  s3_endpoint: Optional[str] = None, tokenizer_path: Optional[str] = None,
                  store_id: Optional[str] = None, verify: bool = True, writer_timeout_s: float = 120.0,
-                 read_block_mb: float = 8.0):
+                 read_block_mb: float = 1.0):
         check_layout(layout)
         self.components = list(components) if components else [
             Component("main", uri, 1.0, store_id or os.path.basename(str(uri).rstrip("/")))]
@@ -196,6 +196,8 @@ class StoreSource:
             dseg = dparts[0] if len(dparts) == 1 else torch.cat(dparts)
             return w, cut_windows(dseg, count, stride, length)
         per = self.plan.global_batch_size // world_size
+        for st in self.stores:
+            st.keep_blocks(2 * per + 2)  # one read-ahead block per lane of this rank (object stores)
         rows, drows = [], []
         for b in range(rank * per, (rank + 1) * per):
             i, e, pieces = self.row_pieces(step, b)

@@ -48,7 +48,7 @@ class TokenStore:
     """Read access to one store: the index (or, while it is written, the progress record) and its shards."""
 
     def __init__(self, uri: str, s3_endpoint: Optional[str] = None, verify: bool = True,
-                 writer_timeout_s: float = 120.0, read_block_mb: float = 8.0, max_open: int = 64):
+                 writer_timeout_s: float = 120.0, read_block_mb: float = 1.0, max_open: int = 64):
         self.uri = uri
         self.storage = S.Storage(uri, s3_endpoint)
         self.verify = verify
@@ -61,6 +61,9 @@ class TokenStore:
         self._blocks: collections.OrderedDict = collections.OrderedDict()  # (shard, block) -> bytes remote
         self._docs: collections.OrderedDict = collections.OrderedDict()  # shard -> int64 document ends
         self._sized: set = set()
+        # object stores: blocks kept. Each lane a rank reads streams through its own block, so the source raises
+        # this to two per row of the rank (`keep_blocks`): a lane's next step is then served from memory.
+        self.max_blocks = 8
         self._lock = threading.RLock()  # the prefetch thread and the trainer share maps and caches
         self.index: dict = {}
         self.complete = False
@@ -168,7 +171,7 @@ class TokenStore:
                 self.bytes_read += len(data)
                 self.requests += 1
                 self._blocks[key] = data
-                while len(self._blocks) > 8:
+                while len(self._blocks) > self.max_blocks:
                     self._blocks.popitem(last=False)
             else:
                 self._blocks.move_to_end(key)
@@ -177,6 +180,9 @@ class TokenStore:
             out.append(data[s0:s1])
             b += 1
         return b"".join(out)
+
+    def keep_blocks(self, n: int) -> None:
+        self.max_blocks = max(self.max_blocks, int(n))
 
     def _shard_tokens(self, stream: str, i: int, lo: int, hi: int) -> torch.Tensor:
         sh = self._shard(stream, i)
