@@ -101,7 +101,9 @@ def _model_config_from_hf(hf: dict):
             f"model_type {hf.get('model_type')!r}, rope {rope}"
         )
     theta = hf.get("rope_theta") or rope.get("rope_theta", 10000.0)
-    moe = {}
+    from pipeline.model import _DENSE
+
+    moe = dict(_DENSE)  # a Llama export: no experts, no QK-norm
     if kind == "qwen3_moe":
         if hf.get("mlp_only_layers") or not hf.get("norm_topk_prob") or hf.get("use_sliding_window"):
             raise TSTError("only Qwen3-MoE exports with norm_topk_prob, no mlp_only_layers and no sliding window "
