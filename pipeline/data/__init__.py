@@ -29,7 +29,7 @@ _EXPORTS = {
     "TokenStore": "reader", "cut_windows": "reader",
     "StoreSource": "batch", "Component": "batch",
     "EpochOrder": "lanes", "LaneSchedule": "lanes", "assign_rows": "lanes",
-    "build_source": "source", "ensure_store": "source", "open_source": "source", "plan_store": "source",
+    "build_source": "source", "ensure_store": "source", "plan_store": "source",
     "source_configs": "source",
 }
 

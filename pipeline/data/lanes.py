@@ -32,8 +32,6 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
-from typing import Optional
-
 from pipeline.errors import DataError
 
 
@@ -144,18 +142,7 @@ class LaneSchedule:
         return self.positions[-1] if self.positions else (0, 0)
 
 
-def mixture_summary(names: list[str], weights: list[float], rows: list[int]) -> dict:
-    """Realised rows per component against the weights (what `tst data inspect` and the tests show)."""
-    B = len(rows)
-    tot = float(sum(weights))
-    return {n: {"weight": w / tot, "rows": rows.count(i), "share": rows.count(i) / B}
-            for i, (n, w) in enumerate(zip(names, weights))}
-
-
 def check_layout(layout: str) -> None:
     if layout not in ("lanes", "stream"):
         raise DataError(f"data.batch_layout must be 'lanes' or 'stream', got {layout!r}")
 
-
-def optional_int(x) -> Optional[int]:
-    return None if x is None else int(x)

@@ -233,9 +233,3 @@ def _log_plan(src: StoreSource, plan: StreamPlan, d) -> None:
         )
     if epochs > 1:
         log.warning("data: the run makes %.2f passes over the corpus (TST reads s times more data per step)", epochs)
-
-
-def open_source(uri: str, plan: StreamPlan, doc_boundary: str = "cross", **kw) -> StoreSource:
-    """A window source over an existing store (e.g. the GPU check, or a store prepared elsewhere)."""
-    TokenStore(uri, kw.get("s3_endpoint"))  # fails now, in one line, when there is no store there
-    return StoreSource(uri, plan, doc_boundary, **kw)
