@@ -1,16 +1,30 @@
-"""Checkpoints with `torch.distributed.checkpoint` (DCP): sharded, resharding on load, atomic.
+"""Checkpoints with `torch.distributed.checkpoint` (DCP): sharded, resharding on load, verified, atomic.
 
 Layout of one checkpoint folder:
     .metadata, __<rank>_0.distcp   DCP of {"model": model state, "optimizer": optimizer state} (FQN-keyed, so a
                                    checkpoint made with N FSDP ranks loads with M, or in one process)
-    meta.json                      step, phase, data position, schedule, RNG, the full config (written by rank 0)
+    meta.json                      step, phase, data position, schedule, the full config (written by rank 0)
+    rng-<rank>.pt                  each rank's RNG state (torch CPU, CUDA, Python `random`), restored on resume by
+                                   the rank of the same number (a rank with no file of its number, after a
+                                   resize, seeds from (train.seed, rank, step))
+    manifest-<rank>.json           the files this rank wrote: size and sha256 of each, written last
     tokenizer.json                 the tokenizer the run used (export ships it)
 
+Complete means verified, not present: `verify()` reads the DCP metadata and checks that every shard file it
+references exists and is long enough, and that every rank's manifest is there (as many as meta.json's
+`world_size`) with each listed file at its written size (and, before a checkpoint is loaded, its sha256). Only
+complete checkpoints are published, listed or chosen; `latest()` walks back past an incomplete newest one with a
+one-line warning.
+
 Atomicity: a checkpoint is first written to a staging folder and only becomes visible when complete: in the
-Ray-free loop by an atomic `os.rename` of `.tmp-step_N` to `step_N` (a crash mid-save leaves a `.tmp-*` folder
-that is never read and is cleaned up later); under Ray Train, `ray.train.report(checkpoint=...)` registers a
-checkpoint only after every rank's upload finished. `latest_checkpoint()` only ever returns folders that have
-both `.metadata` and `meta.json`.
+Ray-free loop by an atomic `os.rename` of `.tmp-step_N` to `step_N` (a folder of the same name, left by an
+earlier attempt, is first renamed aside, never deleted before the new one is in place); under Ray Train,
+`ray.train.report(checkpoint=...)` registers a checkpoint only after every rank's upload finished, from per-rank
+staging folders under `<tmp>/tst-staging/` that a later process removes if their writer died.
+
+Trust: `.metadata` and the optimizer state are unpickled by DCP when loaded, so loading a checkpoint can run code
+that its author put there. Load only checkpoints you (or your cluster) wrote. `tst export` and `tst generate`
+read model tensors only, through DCP's tensor reader, but DCP's `.metadata` is still a pickle.
 """
 
 from __future__ import annotations
@@ -48,15 +62,76 @@ def model_optim_state(model: torch.nn.Module, optimizer: Optional[torch.optim.Op
 
 
 def save_checkpoint(path: str, model, optimizer, meta: dict, rank: int, tokenizer_path: Optional[str] = None) -> str:
-    """Write a complete checkpoint into `path` (a staging folder: nothing reads it until it is published)."""
+    """Write a complete checkpoint into `path` (a staging folder: nothing reads it until it is published).
+
+    Every rank writes into its own `path` under Ray (Ray merges the folders) or all into one in a single
+    process; each rank lists what it wrote in its manifest, last."""
     os.makedirs(path, exist_ok=True)
+    before = set(os.listdir(path))
     state = model_optim_state(model, optimizer)
     _dcp().save(state, checkpoint_id=path)
+    torch.save(rng_state(), os.path.join(path, f"rng-{rank}.pt"))
     if rank == 0:
         if tokenizer_path and os.path.exists(tokenizer_path):
             shutil.copyfile(tokenizer_path, os.path.join(path, "tokenizer.json"))
         _write_json_atomic(os.path.join(path, META), meta)
+    mine = sorted(n for n in set(os.listdir(path)) - before
+                  if not n.startswith("manifest-") and not n.endswith(".tmp")
+                  and (rank == 0 or not _rank_zero_file(n)))
+    _write_json_atomic(os.path.join(path, f"manifest-{rank}.json"),
+                       {"rank": rank, "files": {n: _file_record(os.path.join(path, n)) for n in mine}})
     return path
+
+
+def _rank_zero_file(name: str) -> bool:
+    """Files only rank 0 writes (in a shared single-process folder another rank must not list them)."""
+    return name in (META, "tokenizer.json", ".metadata")
+
+
+def _file_record(path: str) -> dict:
+    return {"size": os.path.getsize(path), "sha256": _sha256(path)}
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def rng_state() -> dict:
+    """This process's RNG state: what a resumed rank restores so that anything random continues as it would."""
+    import random
+
+    st = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def restore_rng(path: str, rank: int, seed: int, step: int) -> bool:
+    """Restore rank's RNG from the checkpoint (True), or seed it from (seed, rank, step) when the checkpoint has
+    no state for this rank (saved by fewer ranks) (False)."""
+    import random
+
+    f = os.path.join(path, f"rng-{rank}.pt")
+    if not os.path.exists(f):
+        torch.manual_seed(hash((seed, rank, step)) & 0x7FFF_FFFF)
+        random.seed((seed, rank, step).__repr__())
+        return False
+    st = torch.load(f, weights_only=True)  # tensors and tuples of ints: no pickle of code
+    torch.set_rng_state(st["torch"])
+    random.setstate(_as_tuple(st["python"]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+    return True
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 def load_checkpoint(path: str, model, optimizer) -> dict:
@@ -83,8 +158,9 @@ def load_model_state(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     """
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    if not is_complete(path):
-        raise FileNotFoundError(f"'{path}' is not a complete tst checkpoint (needs .metadata and {META})")
+    why = verify(path)
+    if why is not None:
+        raise FileNotFoundError(f"'{path}' is not a complete tst checkpoint ({why})")
     dcp = _dcp()
     md = dcp.FileSystemReader(path).read_metadata()
     state: dict[str, Any] = {"model": {}}
@@ -95,8 +171,70 @@ def load_model_state(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     return state["model"], read_meta(path)
 
 
+def verify(path: str, checksums: bool = False) -> Optional[str]:
+    """None if `path` is a complete checkpoint, else what is wrong with it (one phrase).
+
+    Sizes always (cheap: a stat per file); sha256 of every file with `checksums` (before a checkpoint is loaded).
+    Checkpoints written before manifests existed are checked against the DCP metadata alone."""
+    if not os.path.isfile(os.path.join(path, ".metadata")):
+        return "no DCP .metadata"
+    if not os.path.isfile(os.path.join(path, META)):
+        return f"no {META}"
+    try:
+        md = _dcp().FileSystemReader(path).read_metadata()
+        meta = read_meta(path)
+    except Exception as e:  # noqa: BLE001 - a truncated or corrupt metadata file is an incomplete checkpoint
+        return f"unreadable metadata ({type(e).__name__})"
+    need: dict[str, int] = {}
+    for info in md.storage_data.values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in need.items():
+        f = os.path.join(path, name)
+        if not os.path.isfile(f):
+            return f"shard {name} missing"
+        if os.path.getsize(f) < size:
+            return f"shard {name} truncated ({os.path.getsize(f)} of {size} bytes)"
+    manifests = [n for n in os.listdir(path) if n.startswith("manifest-") and n.endswith(".json")]
+    if not manifests:
+        return None  # a checkpoint from before manifests: the DCP check above is all there is
+    world = int(meta.get("world_size") or 1)
+    if len(manifests) < world:
+        return f"{len(manifests)} of {world} ranks' manifests"
+    for m in manifests:
+        try:
+            with open(os.path.join(path, m)) as fh:
+                files = json.load(fh)["files"]
+        except (OSError, ValueError, KeyError):
+            return f"unreadable {m}"
+        for name, rec in files.items():
+            f = os.path.join(path, name)
+            if not os.path.isfile(f):
+                return f"{name} missing"
+            if os.path.getsize(f) != rec["size"]:
+                return f"{name} is {os.path.getsize(f)} bytes, written as {rec['size']}"
+            if checksums and _sha256(f) != rec["sha256"]:
+                return f"{name} does not match its sha256"
+    return None
+
+
 def is_complete(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, ".metadata")) and os.path.isfile(os.path.join(path, META))
+    return verify(path) is None
+
+
+def choose_checkpoint(candidates: list[str], checksums: bool = True, say=print) -> Optional[str]:
+    """The newest verified checkpoint of `candidates` (oldest first); one warning line if newer ones were not."""
+    skipped = []
+    for path in reversed(candidates):
+        why = verify(path, checksums=checksums)
+        if why is None:
+            if skipped:
+                say(f"[tst] warning: skipped incomplete checkpoint(s) {'; '.join(skipped)}; resuming from "
+                    f"{os.path.basename(os.path.normpath(path))}")
+            return path
+        skipped.append(f"{os.path.basename(os.path.normpath(path))} ({why})")
+    if skipped:
+        say(f"[tst] warning: no complete checkpoint ({'; '.join(skipped)}); starting from step 0")
+    return None
 
 
 def _write_json_atomic(path: str, obj: Any) -> None:
@@ -123,33 +261,68 @@ class LocalCheckpointManager:
 
     def publish(self, staging: str, step: int) -> str:
         final = os.path.join(self.root, f"step_{step:08d}")
-        if not is_complete(staging):
-            raise RuntimeError(f"refusing to publish incomplete checkpoint {staging}")
-        if os.path.exists(final):
-            shutil.rmtree(final)
+        why = verify(staging)
+        if why is not None:
+            raise RuntimeError(f"refusing to publish incomplete checkpoint {staging}: {why}")
+        if os.path.exists(final):  # an earlier attempt at this step (e.g. redone after a walk-back): set aside
+            aside = os.path.join(self.root, f".old-step_{step:08d}-{os.getpid()}")
+            os.rename(final, aside)
         os.rename(staging, final)  # atomic on one filesystem: readers see all of it or none
         self.prune()
         return final
 
-    def list(self) -> list[str]:
-        out = []
-        for name in os.listdir(self.root):
-            m = _STEP_DIR.match(name)
-            path = os.path.join(self.root, name)
-            if m and is_complete(path):
-                out.append((int(m.group(1)), path))
+    def all_steps(self) -> list[str]:
+        """Every published step folder, oldest first, complete or not."""
+        out = [(int(m.group(1)), os.path.join(self.root, n)) for n in os.listdir(self.root)
+               if (m := _STEP_DIR.match(n))]
         return [p for _, p in sorted(out)]
 
-    def latest(self) -> Optional[str]:
-        ckpts = self.list()
-        return ckpts[-1] if ckpts else None
+    def list(self) -> list[str]:
+        return [p for p in self.all_steps() if is_complete(p)]
+
+    def latest(self, say=print) -> Optional[str]:
+        """The newest verified checkpoint (sizes and sha256), walking back past incomplete ones."""
+        return choose_checkpoint(self.all_steps(), checksums=True, say=say)
 
     def prune(self) -> None:
         for path in self.list()[:-self.keep]:
             shutil.rmtree(path, ignore_errors=True)
-        for name in os.listdir(self.root):  # leftovers of crashed saves
-            if name.startswith(".tmp-"):
+        for name in os.listdir(self.root):  # leftovers of crashed saves and set-aside attempts
+            if name.startswith((".tmp-", ".old-")):
                 shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+
+
+STAGING_ROOT = "tst-staging"
+
+
+def staging_dir(step: int, rank: int) -> str:
+    """A rank's private staging folder under <tmp>/tst-staging, named with its pid so that `sweep_staging` can
+    tell a dead writer's leftovers from a live one's."""
+    import tempfile
+
+    root = os.path.join(tempfile.gettempdir(), STAGING_ROOT)
+    os.makedirs(root, exist_ok=True)
+    sweep_staging(root)
+    return tempfile.mkdtemp(prefix=f"step{step:08d}-rank{rank}-pid{os.getpid()}-", dir=root)
+
+
+def sweep_staging(root: str) -> int:
+    """Remove staging folders whose writing process is gone (a killed worker's). Returns how many."""
+    n = 0
+    for name in os.listdir(root):
+        m = re.search(r"-pid(\d+)-", name)
+        if not m:
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # alive (or not ours to signal): leave it
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        n += 1
+    return n
 
 
 def find_checkpoint(path: str) -> str:

@@ -386,6 +386,75 @@ def validate(cfg: Config) -> None:
 
 def describe_keys() -> str:
     """Every dotted key with its default, for `tst train --help`."""
+    _check_numbers(cfg)
+    check_run_name(cfg.run.name)
+
+
+def _check_numbers(cfg: Config) -> None:
+    """Values torch would reject inside the workers (after Ray started, retried as if a node had died): refuse
+    them here, in a second, once."""
+    import math
+
+    t, d, s = cfg.train, cfg.data, cfg.scaling
+    positive = {"train.lr": t.lr, "train.eps": t.eps,
+                "scaling.cpus_per_worker": s.cpus_per_worker, "data.read_block_mb": d.read_block_mb,
+                "data.writer_timeout_s": d.writer_timeout_s}
+    for k, v in positive.items():
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise ConfigError(f"{k} must be a finite number > 0, got {v!r}")
+    unit = {"train.min_lr_ratio": t.min_lr_ratio, "train.beta1": t.beta1, "train.beta2": t.beta2}
+    for k, v in unit.items():
+        if not 0.0 <= v <= 1.0 or (k != "train.min_lr_ratio" and v == 1.0):
+            raise ConfigError(f"{k} must be in [0, 1{']' if k == 'train.min_lr_ratio' else ')'}, got {v!r}")
+    for k, v in {"train.weight_decay": t.weight_decay, "train.grad_clip": t.grad_clip}.items():
+        if not (math.isfinite(v) and v >= 0):
+            raise ConfigError(f"{k} must be >= 0 (grad_clip 0: no clipping), got {v!r}")
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction!r}")
+    if d.val_windows < 1:
+        raise ConfigError(f"data.val_windows must be >= 1, got {d.val_windows}")
+    if d.batch_layout not in ("lanes", "stream"):
+        raise ConfigError(f"data.batch_layout must be 'lanes' or 'stream', got {d.batch_layout!r}")
+    if s.num_workers < 0 or s.max_failures < 0:
+        raise ConfigError("scaling.num_workers and scaling.max_failures must be >= 0")
+
+
+_NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-+=@")
+
+
+def check_run_name(name: Optional[str]) -> None:
+    """A run name is a folder under <output_dir>/runs and an MLflow run name used in a search filter: plain
+    characters only, so that it can neither escape the folder (`../x`) nor break the filter (`'`)."""
+    if name is None:
+        return
+    bad = sorted(set(name) - _NAME_OK)
+    if not name or name in (".", "..") or name.startswith(".") or bad:
+        raise ConfigError(f"run name {name!r} is not allowed ({'characters ' + repr(''.join(bad)) if bad else 'a dot-name'}); "
+                          f"use letters, digits and . _ - + = @ (no '/', quotes or spaces), not starting with '.'")
+
+
+_URI_PASSWORD = None
+_QUERY_SECRET = None
+
+
+def redact_secrets(value: Any) -> Any:
+    """A copy with credentials masked, for what leaves the machine (MLflow params and artifacts): passwords in
+    URIs (`scheme://user:PASSWORD@host`) and secret-looking query parameters (`?token=...`, `X-Amz-Signature=...`).
+    The run's own config.yaml keeps the values (a resume needs them)."""
+    import re
+
+    global _URI_PASSWORD, _QUERY_SECRET
+    if _URI_PASSWORD is None:
+        _URI_PASSWORD = re.compile(r"(://[^/@:\s]+:)([^/@\s]+)(@)")
+        _QUERY_SECRET = re.compile(r"(?i)([?&][\w.-]*(?:token|secret|password|passwd|signature|credential|key)"
+                                   r"[\w.-]*=)([^&\s]+)")
+    if isinstance(value, str):
+        return _QUERY_SECRET.sub(r"\1***", _URI_PASSWORD.sub(r"\1***\3", value))
+    if isinstance(value, dict):
+        return {k: redact_secrets(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact_secrets(v) for v in value)
+    return value
     lines = []
     for key, value in Config().flatten().items():
         lines.append(f"  {key} = {value!r}")

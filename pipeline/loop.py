@@ -202,7 +202,7 @@ class Trainer:
         self.reporter.report(metrics, staging, self.state.step)
 
     def maybe_resume(self) -> None:
-        from pipeline.checkpoint import load_checkpoint, read_meta
+        from pipeline.checkpoint import load_checkpoint, read_meta, restore_rng
 
         with self.reporter.latest_checkpoint() as path:
             if path is None:
@@ -211,6 +211,7 @@ class Trainer:
             check_resume_compatible(self.cfg, saved)
             _check_same_store(self.cfg, saved, getattr(self.source, "store_id", None))
             meta = load_checkpoint(path, self.model, self.optimizer)
+            restore_rng(path, self.rank, self.cfg.train.seed, int(meta["step"]))
         self.state.step = int(meta["step"])
         self.state.elapsed_s = float(meta.get("elapsed_s", 0.0))
         if self.rank == 0:
@@ -374,6 +375,8 @@ class Trainer:
             summary["message"] = (
                 f"non-finite loss or gradient norm at step {self.state.step}; the run stopped. Last good "
                 f"checkpoint: {self.reporter.last_good_checkpoint() or 'none'}. Lower train.lr or raise "
+        if val_loss is None and status == "finished":  # resumed at the end: no step ran, the loss is still known
+            val_loss = self.evaluate()
                 f"train.warmup_steps, then resume from that checkpoint")
         self.reporter.report(summary, None, self.state.step)
         return summary
@@ -459,7 +462,8 @@ def read_digests(folder: str) -> dict[int, dict[int, str]]:
 def _maybe_inject_failure(step: int, rank: int) -> None:
     """Fault injection for failure-recovery tests and drills: TST_INJECT_FAILURE="STEP:RANK:MODE:MARKER" makes
     rank RANK fail before step STEP, once (the MARKER file records that it happened). MODE "raise" raises an
-    error in the worker; "kill" SIGKILLs the worker process, as a preempted node would."""
+    error in the worker; "kill" SIGKILLs the worker process, as a preempted node would; "fatal" raises a DataError
+    at every attempt (a deterministic error, which must end the run once, not be retried)."""
     spec = os.environ.get("TST_INJECT_FAILURE")
     if not spec:
         return
@@ -480,6 +484,12 @@ def _resolved_config(cfg: Config, model_cfg) -> dict:
 
     d = cfg.to_dict()
     d["model"] = dataclasses.asdict(model_cfg)
+    if step == int(at) and rank == int(who) and mode == "fatal":  # every time: a deterministic error
+        from pipeline.errors import DataError
+
+        with open(marker, "a") as f:  # one line per attempt: a test counts the attempts
+            f.write(f"fatal at step {step} on rank {rank}\n")
+        raise DataError(f"injected deterministic error at step {step} on rank {rank} (TST_INJECT_FAILURE)")
     return d
 
 
@@ -540,7 +550,8 @@ class LocalReporter:
         yield self.ckpts.latest() if self.resume else None
 
     def last_good_checkpoint(self) -> Optional[str]:
-        return self.ckpts.latest()
+        ckpts = self.ckpts.list()
+        return ckpts[-1] if ckpts else None
 
 
 def train(cfg: Config, source, reporter: Reporter, *, vocab_size: int, device: Optional[torch.device] = None,

@@ -34,7 +34,9 @@ class RayReporter:
         self.is_chief = self.rank == 0
 
     def staging_dir(self, step: int) -> str:
-        return tempfile.mkdtemp(prefix=f"tst-step{step:08d}-rank{self.rank}-")
+        from pipeline.checkpoint import staging_dir
+
+        return staging_dir(step, self.rank)  # removed after the report, or by a later sweep if this rank dies
 
     def report(self, metrics: Optional[dict], checkpoint_staging: Optional[str], step: int) -> None:
         import ray.train
@@ -50,14 +52,36 @@ class RayReporter:
 
     @contextlib.contextmanager
     def latest_checkpoint(self):
+        """The newest checkpoint that verifies (pipeline.checkpoint.verify), walking back through the ones Ray
+        registered: a checkpoint corrupted after registration (a truncated shard) is skipped with one warning
+        line instead of failing every restart."""
         import ray.train
 
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            yield None
-            return
-        with ckpt.as_directory() as path:
-            yield path
+        from pipeline.checkpoint import verify
+
+        cands = []
+        try:
+            cands = [r.checkpoint for r in ray.train.get_all_reported_checkpoints()]
+        except Exception:  # noqa: BLE001 - older Ray or no controller state: the latest alone
+            pass
+        latest = ray.train.get_checkpoint()
+        if latest is not None and all(c.path != latest.path for c in cands):
+            cands.append(latest)
+        cands.sort(key=lambda c: os.path.basename(c.path.rstrip("/")))  # step_%08d: name order is step order
+        skipped = []
+        for ckpt in reversed(cands):
+            with ckpt.as_directory() as path:
+                why = verify(path, checksums=True)
+                if why is None:
+                    if skipped and self.rank == 0:
+                        print(f"[tst] warning: skipped incomplete checkpoint(s) {'; '.join(skipped)}; resuming "
+                              f"from {os.path.basename(ckpt.path.rstrip('/'))}", flush=True)
+                    yield path
+                    return
+            skipped.append(f"{os.path.basename(ckpt.path.rstrip('/'))} ({why})")
+        if skipped and self.rank == 0:
+            print(f"[tst] warning: no complete checkpoint ({'; '.join(skipped)}); starting from step 0", flush=True)
+        yield None
 
     def last_good_checkpoint(self) -> Optional[str]:
         import ray.train
@@ -147,9 +171,24 @@ class MetricsCallback(UserCallback):
             self._get_sink().log(metrics[0])
 
     def after_exception(self, run_context, worker_exceptions) -> None:
+        """Infrastructure failures (a dead worker, node or actor; a collective aborted by one) are retried from the
+        last checkpoint; a deterministic error (config, data, a bug: `pipeline.errors.is_deterministic`) would
+        only repeat, so raising here ends the run now, once (Ray Train treats an error raised by a callback as a
+        controller failure, which it does not retry)."""
+        from pipeline.errors import FatalWorkerError, is_deterministic
+
+        fatal = {r: e for r, e in worker_exceptions.items() if is_deterministic(e)}
+        if fatal:
+            rank, exc = min(fatal.items())
+            raise FatalWorkerError(f"{type(exc).__name__} on worker {rank}: {_first_line(exc)}", exc)
         for rank, exc in worker_exceptions.items():
-            print(f"[tst] worker {rank} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            print(f"[tst] worker {rank} failed: {type(exc).__name__}: {_first_line(exc)}"
                   f" — restarting from the last checkpoint if failures remain", flush=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def build_trainer(cfg, *, source, vocab_size: int, tokenizer_json: Optional[str], run_name: str, run_dir: str,

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from pipeline.config import Config, validate
+from pipeline.config import Config, ConfigError, check_run_name, validate
 from pipeline.errors import NonFiniteLossError, TSTError
 
 
@@ -28,6 +28,7 @@ class RunPaths:
 def run_paths(cfg: Config, name: Optional[str] = None) -> RunPaths:
     output_dir = os.path.abspath(cfg.run.output_dir)
     name = name or cfg.run.name or default_run_name(cfg)
+    check_run_name(name)
     storage = cfg.run.storage_path or os.path.join(output_dir, "runs")
     if "://" not in storage:
         storage = os.path.abspath(storage)
@@ -51,6 +52,17 @@ def check_inputs(cfg: Config) -> None:
             list_files(d.val_source, d)
 
 
+def finished_summary(run_dir: str, cfg: Config) -> Optional[dict]:
+    """The summary of a run that already trained all of cfg's steps, or None."""
+    try:
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            s = json.load(f)
+    except (OSError, ValueError):
+        return None
+    ok = s.get("status") == "finished" and s.get("step") == cfg.train.steps and s.get("final_val_loss") is not None
+    return s if ok else None
+
+
 def prepare_data(cfg: Config, output_dir: str, mode: str, wait: str = "complete", console: bool = False):
     """Tokenizer (trained and cached when `bpe:N`) and the window source over the run's token store (prepared
     once, by Ray Data in mode "ray" or in-process in mode "local"/"memory"); bad input fails here, before workers.
@@ -61,6 +73,22 @@ def prepare_data(cfg: Config, output_dir: str, mode: str, wait: str = "complete"
     tok = load_tokenizer(cfg.data, output_dir)
     source = build_source(cfg, output_dir, mode=mode, tokenizer=tok, wait=wait, console=console)
     return tok, source
+
+
+def check_held_out(cfg: Config, source) -> None:
+    """What only the data can tell, right after prepare and before any training: is there a held-out window?"""
+    from pipeline.errors import DataError
+
+    if len(_split_first(source.val_windows())) == 0:
+        d = cfg.data
+        where = (f"data.val_source={d.val_source!r}" if d.val_source else
+                 f"data.val_fraction={d.val_fraction} of the corpus's documents")
+        raise DataError(f"no held-out window to evaluate on: {where} gave fewer than seq_len+1 = {d.seq_len + 1} "
+                        f"tokens; raise data.val_fraction, set data.val_source, or add documents")
+
+
+def _split_first(v):
+    return v[0] if isinstance(v, tuple) else v
 
 
 def check_store_reachable(cfg: Config, source) -> None:
@@ -89,37 +117,54 @@ def run_training(cfg: Config, *, use_ray: bool = True, name: Optional[str] = Non
     validate(cfg)
     check_inputs(cfg)
     paths = run_paths(cfg, name)
+    done = finished_summary(paths.run_dir, cfg) if cfg.run.resume else None
+    if done is not None:  # a resume of a finished run changes nothing: not its summary, not its MLflow status
+        if console:
+            print(f"[tst] run {paths.name} already finished at step {done.get('step')}/{cfg.train.steps} (final val "
+                  f"loss {done.get('final_val_loss')}); nothing to do. Start a new run with another --name.",
+                  flush=True)
+        return done
+    # Tracking first: an unreachable server is a clear error before anything expensive starts.
+    uri = None
+    if cfg.run.tracking:
+        from pipeline.tracking import check_reachable, resolve_tracking_uri
+
+        uri = resolve_tracking_uri(cfg.run.tracking_uri, paths.output_dir)
+        check_reachable(uri)
+    fresh = not os.path.exists(paths.run_dir)  # removed again if the run fails before its first step
     os.makedirs(paths.run_dir, exist_ok=True)
     with open(os.path.join(paths.run_dir, "config.yaml"), "w") as f:
         f.write(cfg.to_yaml())
 
-    # Tracking first: an unreachable server is a clear error before anything expensive starts.
     tracker = None
-    if cfg.run.tracking:
-        from pipeline.tracking import MlflowTracker, check_reachable, environment_tags, resolve_tracking_uri
-
-        uri = resolve_tracking_uri(cfg.run.tracking_uri, paths.output_dir)
-        check_reachable(uri)
-        run_id = MlflowTracker.find_run(uri, cfg.run.experiment, paths.name)
-        tracker = MlflowTracker(uri, cfg.run.experiment, paths.name, run_id=run_id,
-                                parent_run_id=cfg.run.parent_run_id)
-        tracker.log_params(cfg.flatten())
-        world = max(1, cfg.scaling.num_workers) if use_ray else 1
-        tracker.set_tags(environment_tags(world))
-
-    mode = data_mode or ("ray" if use_ray else "local")
-    if use_ray or mode == "ray":
-        from pipeline.ray_train import ensure_ray
-
-        ensure_ray(cfg)  # the prepare (Ray Data) and the TorchTrainer need a running Ray
-    # Training starts once the store's first shard is committed; the prepare (if any) goes on behind it.
     try:
+        if uri is not None:
+            from pipeline.tracking import MlflowTracker, environment_tags
+
+            run_id = MlflowTracker.find_run(uri, cfg.run.experiment, paths.name)
+            tracker = MlflowTracker(uri, cfg.run.experiment, paths.name, run_id=run_id,
+                                    parent_run_id=cfg.run.parent_run_id)
+            tracker.log_params(cfg.flatten())  # redacted by log_params
+            world = max(1, cfg.scaling.num_workers) if use_ray else 1
+            tracker.set_tags(environment_tags(world))
+
+        mode = data_mode or ("ray" if use_ray else "local")
+        if use_ray or mode == "ray":
+            from pipeline.ray_train import ensure_ray
+
+            ensure_ray(cfg)  # the prepare (Ray Data) and the TorchTrainer need a running Ray
+        # Training starts once the store's first shard is committed; the prepare (if any) goes on behind it.
         tok, source = prepare_data(cfg, paths.output_dir, mode, wait="first", console=console)
+        check_held_out(cfg, source)
         if use_ray:
             check_store_reachable(cfg, source)
     except BaseException:
         if tracker is not None:  # never leave the MLflow run RUNNING after bad input
             tracker.end("FAILED")
+        if fresh:  # nor a run folder that never trained
+            import shutil
+
+            shutil.rmtree(paths.run_dir, ignore_errors=True)
         raise
     if console:
         print(f"[tst] run {paths.name}: {cfg.model.preset} model, T={cfg.train.steps}, "
@@ -182,9 +227,10 @@ def _fit_ray(cfg, paths, source, tok, tracker, console, extra_callbacks) -> dict
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors; surface the root cause in one line
-        root = e
-        while getattr(root, "__cause__", None) is not None:
-            root = root.__cause__
+        root = _root_cause(e)
+        own = getattr(root, "worker_error", None)  # a FatalWorkerError: the worker's own error, when it is ours
+        if isinstance(own, (TSTError, ConfigError)):
+            raise own from None
         if isinstance(root, TSTError):
             raise root from None
         raise
@@ -201,6 +247,19 @@ def _fit_ray(cfg, paths, source, tok, tracker, console, extra_callbacks) -> dict
         summary["message"] = summary.get("message", "").replace("Last good checkpoint: none",
                                                                 f"Last good checkpoint: {result.checkpoint.path}")
     return summary
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The error under Ray's wrappers (`__cause__` chains, and a ControllerError's `controller_failure`, which
+    survives pickling where `__cause__` does not)."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        nxt = getattr(e, "controller_failure", None) or getattr(e, "__cause__", None)
+        if nxt is None:
+            break
+        e = nxt
+    return e
 
 
 def _close_source(source) -> None:
@@ -245,8 +304,23 @@ def _finish_tracking(tracker, paths, cfg, status: str, source=None) -> None:
                          switch_step=next((h.get("switch_step") for h in history if h.get("switch_step")), None))
     if png:
         tracker.log_artifact(png)
-    tracker.log_artifact(os.path.join(paths.run_dir, "config.yaml"))
+    _log_redacted_config(tracker, cfg)
     tracker.end(status)
+
+
+def _log_redacted_config(tracker, cfg: Config) -> None:
+    """config.yaml as an MLflow artifact, with credentials masked (the run folder's copy keeps them)."""
+    import tempfile
+
+    import yaml
+
+    from pipeline.config import redact_secrets
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "config.yaml")
+        with open(path, "w") as f:
+            yaml.safe_dump(redact_secrets(cfg.to_dict()), f, sort_keys=False)
+        tracker.log_artifact(path)
 
 
 def print_summary(summary: dict) -> None:

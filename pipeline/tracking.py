@@ -129,7 +129,10 @@ class MlflowTracker:
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
+        from pipeline.config import redact_secrets
+
         existing = self.client.get_run(self.run_id).data.params
+        params = redact_secrets(params)  # credentials in URIs never reach the server
         items = [Param(k, _param_str(v)) for k, v in params.items() if k not in existing]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i:i + 100])

@@ -1,0 +1,213 @@
+"""Faults and bad input (issue 15): fail fast and once on what a retry would repeat, recover by itself from what
+it would not, and leave nothing behind (no RUNNING MLflow run, no empty run folder, no staging folder).
+
+Real pieces: the bundled corpus and a BPE trained with HF `tokenizers`, DCP checkpoints, MLflow on SQLite, Ray
+Train with 2 gloo workers on the session's local Ray.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from pipeline.config import ConfigError
+from pipeline.errors import DataError
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_trainer import BASE, _copy_cache, make_cfg, run_local  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def shared_out(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("out"))
+
+
+def _mlflow_runs(uri: str, experiment: str = "tst"):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return [] if exp is None else client.search_runs([exp.experiment_id])
+
+
+# -- configuration: refused in about a second, before MLflow, Ray or data ------------------------------------------
+@pytest.mark.parametrize("override,key", [
+    ("train.lr=-1", "train.lr"), ("train.lr=nan", "train.lr"), ("train.weight_decay=-0.1", "train.weight_decay"),
+    ("train.beta2=1.0", "train.beta2"), ("data.val_fraction=1.5", "data.val_fraction"),
+    ("data.batch_layout=rows", "data.batch_layout"),
+])
+def test_impossible_values_fail_in_a_second_before_anything_starts(tmp_path, override, key):
+    from pipeline.config import Config, apply_overrides
+    from pipeline.runner import run_training
+
+    cfg = apply_overrides(Config(), BASE + [f"run.output_dir={tmp_path}", "run.tracking=true", override])
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        run_training(cfg, use_ray=True, name="bad", console=False)
+    assert time.perf_counter() - t0 < 5
+    assert os.listdir(tmp_path) == []  # no run folder, no MLflow store, no Ray
+
+
+@pytest.mark.parametrize("name", ["../../x", "a'b", "a b", ".hidden", "x/y"])
+def test_run_names_that_escape_the_folder_or_break_the_mlflow_filter_are_refused(tmp_path, name):
+    from pipeline.config import Config, apply_overrides
+    from pipeline.runner import run_training
+
+    cfg = apply_overrides(Config(), BASE + [f"run.output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="run name"):
+        run_training(cfg, use_ray=False, name=name, console=False)
+    assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "runs")
+
+
+def test_secrets_are_masked_in_mlflow_params_but_kept_for_resume(shared_out, tmp_path):
+    from pipeline.runner import run_training
+
+    _copy_cache(shared_out, str(tmp_path))
+    endpoint = "http://user:s3cr3t@127.0.0.1:1"  # not used by a builtin corpus: only logged
+    cfg = make_cfg(shared_out, f"run.output_dir={tmp_path}", "train.steps=2", "train.eval_every=2",
+                   "run.tracking=true", f"data.s3_endpoint={endpoint}")
+    s = run_training(cfg, use_ray=False, name="secret", console=False)
+    (run,) = _mlflow_runs(s["tracking_uri"])
+    assert run.data.params["data.s3_endpoint"] == "http://user:***@127.0.0.1:1"
+    assert "s3cr3t" not in json.dumps(run.data.params)
+    with open(os.path.join(s["run_dir"], "config.yaml")) as f:
+        assert endpoint in f.read()  # the run's own copy keeps it
+
+
+# -- what only the data can tell: right after prepare, before training ----------------------------------------------
+def test_a_corpus_with_no_held_out_window_fails_after_prepare_and_leaves_nothing(tmp_path):
+    from pipeline.config import Config, apply_overrides
+    from pipeline.runner import run_training
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    with open(corpus / "docs.jsonl", "w") as f:  # 49 short documents: 1% held out is nothing
+        for i in range(49):
+            f.write(json.dumps({"text": f"document {i}: " + "a few words of text. " * 20}) + "\n")
+    out = tmp_path / "out"
+    cfg = apply_overrides(Config(), BASE + [f"run.output_dir={out}", f"data.source={corpus}", "data.tokenizer=gpt2",
+                                            "run.tracking=true", "data.max_documents=null"])
+    with pytest.raises(DataError, match="no held-out window.*data.val_fraction"):
+        run_training(cfg, use_ray=False, name="small", console=False)
+    assert not os.path.exists(out / "runs" / "small")  # no run folder left behind
+    runs = _mlflow_runs(f"sqlite:///{out}/mlflow.db")
+    assert [r.info.status for r in runs] == ["FAILED"]  # not RUNNING
+
+
+# -- a finished run, resumed ------------------------------------------------------------------------------------------
+def test_resume_of_a_finished_run_changes_neither_its_summary_nor_its_mlflow_status(shared_out, tmp_path):
+    from pipeline.runner import run_training
+
+    _copy_cache(shared_out, str(tmp_path))
+    cfg = make_cfg(shared_out, f"run.output_dir={tmp_path}", "train.steps=4", "run.tracking=true")
+    first = run_training(cfg, use_ray=False, name="done", console=False)
+    path = os.path.join(first["run_dir"], "summary.json")
+    before = open(path).read()
+    again = run_training(cfg, use_ray=False, name="done", console=False)
+    assert open(path).read() == before
+    assert again["final_val_loss"] == first["final_val_loss"] is not None
+    (run,) = _mlflow_runs(first["tracking_uri"])
+    assert run.info.status == "FINISHED"
+
+
+# -- checkpoints: verified, walked back, published atomically ------------------------------------------------------
+def _shard(ckpt: str) -> str:
+    return os.path.join(ckpt, "__0_0.distcp")
+
+
+def test_verify_finds_truncated_missing_and_altered_files(shared_out, tmp_path):
+    from pipeline.checkpoint import LocalCheckpointManager, verify
+
+    run_local(make_cfg(shared_out, "train.steps=4"), str(tmp_path))
+    (ckpt,) = LocalCheckpointManager(str(tmp_path)).list()
+    assert verify(ckpt, checksums=True) is None
+    broken = str(tmp_path / "broken")
+
+    def fresh():
+        shutil.rmtree(broken, ignore_errors=True)
+        shutil.copytree(ckpt, broken)
+        return broken
+
+    size = os.path.getsize(_shard(ckpt))
+    with open(_shard(fresh()), "r+b") as f:
+        f.truncate(size // 2)
+    assert "truncated" in verify(broken)
+    os.remove(os.path.join(fresh(), "manifest-0.json"))
+    os.remove(os.path.join(broken, "rng-0.pt"))
+    assert verify(broken) is None  # a checkpoint from before manifests: the DCP metadata check alone
+    meta = json.load(open(os.path.join(fresh(), "meta.json")))
+    meta["world_size"] = 2
+    json.dump(meta, open(os.path.join(broken, "meta.json"), "w"))
+    assert verify(broken) == "1 of 2 ranks' manifests"
+    with open(os.path.join(fresh(), "tokenizer.json"), "r+b") as f:  # same size, other bytes
+        f.seek(0)
+        f.write(b"X")
+    assert verify(broken) is None and "sha256" in verify(broken, checksums=True)
+
+
+def test_a_truncated_newest_checkpoint_is_skipped_with_one_warning_and_the_run_recovers_exactly(
+        shared_out, tmp_path, capsys):
+    from pipeline.checkpoint import LocalCheckpointManager
+
+    cfg = make_cfg(shared_out)  # T = 10, checkpoints at 4, 8, 10
+    ref_dir, run_dir = str(tmp_path / "ref"), str(tmp_path / "run")
+    _, ref, _ = run_local(cfg, ref_dir)
+    run_local(cfg, run_dir)
+    mgr = LocalCheckpointManager(run_dir)
+    newest = mgr.all_steps()[-1]
+    with open(_shard(newest), "r+b") as f:
+        f.truncate(100)
+    capsys.readouterr()
+    summary, redone, _ = run_local(cfg, run_dir)  # resumes: step_10 is broken, step_8 is not
+    out = capsys.readouterr().out
+    assert out.count("warning: skipped incomplete checkpoint") == 1 and "step_00000010 (shard" in out
+    assert [r["step"] for r in redone if "train_loss" in r] == [9, 10]
+    assert {r["step"]: r["train_loss"] for r in redone if "train_loss" in r} == \
+        {r["step"]: r["train_loss"] for r in ref if r["step"] in (9, 10) and "train_loss" in r}
+    assert os.path.basename(mgr.latest()) == "step_00000010"  # re-published over the broken one
+    assert not [n for n in os.listdir(mgr.root) if n.startswith((".old-", ".tmp-"))]
+
+
+def test_rng_state_is_saved_per_rank_and_restored_on_resume(shared_out, tmp_path):
+    from pipeline.checkpoint import LocalCheckpointManager
+
+    cfg = make_cfg(shared_out, "train.steps=4")
+    run_local(cfg, str(tmp_path))
+    ckpt = LocalCheckpointManager(str(tmp_path)).latest()
+    saved = torch.load(os.path.join(ckpt, "rng-0.pt"), weights_only=True)
+    torch.manual_seed(12345)  # something else entirely
+    run_local(make_cfg(shared_out, "train.steps=4"), str(tmp_path))  # resumes at step 4 = T
+    assert torch.equal(torch.get_rng_state(), saved["torch"])
+
+
+def test_staging_folders_of_dead_writers_are_swept(tmp_path):
+    from pipeline.checkpoint import sweep_staging
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f"step00000004-rank1-pid{dead.pid}-abc").mkdir()
+    (tmp_path / f"step00000004-rank0-pid{os.getpid()}-def").mkdir()
+    assert sweep_staging(str(tmp_path)) == 1
+    assert os.listdir(tmp_path) == [f"step00000004-rank0-pid{os.getpid()}-def"]
+
+
+# -- Ray: a deterministic worker error ends the run once; infrastructure failures are retried (test_trainer) -------
+def test_a_deterministic_worker_error_ends_the_run_once_with_one_line(shared_out, tmp_path, ray_session, monkeypatch):
+    from pipeline.runner import run_training
+
+    out = str(tmp_path)
+    _copy_cache(shared_out, out)
+    marker = str(tmp_path / "attempts")
+    monkeypatch.setenv("TST_INJECT_FAILURE", f"2:0:fatal:{marker}")
+    cfg = make_cfg(shared_out, f"run.output_dir={out}", "scaling.max_failures=3", "run.tracking=true")
+    with pytest.raises(DataError, match="injected deterministic error at step 2 on rank 0"):
+        run_training(cfg, use_ray=True, name="fatal", console=False)
+    assert len(open(marker).read().splitlines()) == 1  # not retried
+    assert [r.info.status for r in _mlflow_runs(f"sqlite:///{out}/mlflow.db")] == ["FAILED"]
