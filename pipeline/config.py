@@ -109,6 +109,10 @@ class TrainConfig:
     switch_fraction: float = 0.0  # r: the first floor(r*T + 0.5) steps are superposition
     global_batch_size: int = 16  # windows per optimizer step, across all workers and micro-batches
     micro_batch_size: Optional[int] = None  # windows per forward/backward; None: the whole per-rank batch
+    # MoE with > 1 micro-batch per rank: a no-grad routing pre-pass counts the step's expert choices first, so the
+    # load-balancing loss uses the global batch's token fractions exactly (one more forward of the layers per step,
+    # up to ~1/3 more compute); false: each micro-step's own fractions (approximate). One micro-batch: no pre-pass.
+    moe_aux_prepass: bool = True
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 40

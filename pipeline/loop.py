@@ -257,6 +257,18 @@ class Trainer:
         return contextlib.nullcontext()
 
     # -- one optimizer step -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _router_counts(self, inputs: torch.Tensor, n_micro: int) -> torch.Tensor:
+        """The routing pre-pass of an MoE step with gradient accumulation (train.moe_aux_prepass): a no-grad
+        forward of this rank's micro-batches, as the step will run them, up to the last layer; returns the expert
+        counts (n_moe, E) summed over them and over ranks, so the load-balancing loss's token fractions are the
+        global batch's before any micro-batch's backward (pipeline/moe.py)."""
+        counts = 0
+        for m in range(n_micro):
+            with self._autocast():
+                counts = counts + self.model(inputs[m * self.micro:(m + 1) * self.micro], router_counts_only=True)
+        return _all_reduce(counts)
+
     def train_step(self, step: int, windows) -> tuple[float, float]:
         """Forward/backward over this rank's micro-batches, then one AdamW step. Returns (loss, grad norm).
 
@@ -269,11 +281,14 @@ class Trainer:
         _all_reduce(slot_counts)  # global batch counts (design notes)
         weights = self.cfg.train.loss_weights
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
-        moe_kw, moe_sums = {}, None
+        moe_kw, moe_sums, step_counts = {}, None, None
+        n_micro = inputs.shape[0] // self.micro
         if self.moe:  # the aux loss over the global batch, like slot_counts (pipeline/moe.py)
             moe_kw = dict(router_counts_reduce=_all_reduce, router_tokens=float(self.cfg.train.global_batch_size * L))
             moe_sums = [torch.zeros((), device=self.device), torch.zeros((), device=self.device), 0.0]  # aux, z, counts
-        n_micro = inputs.shape[0] // self.micro
+            if n_micro > 1 and self.cfg.train.moe_aux_prepass:  # every rank has the same n_micro: all or none
+                step_counts = self._router_counts(inputs, n_micro)  # (n_moe, E) over ranks and micro-batches
+                moe_kw = dict(router_counts=step_counts, router_tokens=moe_kw["router_tokens"])
         from pipeline.parallel import clip_grad_norm, set_gradient_sync
 
         for m in range(n_micro):
@@ -292,7 +307,8 @@ class Trainer:
         loss = _all_reduce(loss_sum)
         if moe_sums is not None:
             aux_z = _all_reduce(torch.stack(moe_sums[:2]))
-            self.moe_step = {"aux": float(aux_z[0]), "z": float(aux_z[1]), "counts": moe_sums[2].cpu()}
+            counts = moe_sums[2] if step_counts is None else step_counts  # (each micro-batch got the step's counts)
+            self.moe_step = {"aux": float(aux_z[0]), "z": float(aux_z[1]), "counts": counts.cpu()}
         grad_norm = clip_grad_norm(self.model, self.cfg.train.grad_clip)
         bad = torch.tensor([0.0 if (torch.isfinite(loss) and torch.isfinite(grad_norm)) else 1.0],
                            device=self.device)

@@ -317,6 +317,8 @@ class Transformer(nn.Module):
         start_pos: int = 0,
         router_counts_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
         router_tokens: Optional[float] = None,
+        router_counts: Optional[torch.Tensor] = None,
+        router_counts_only: bool = False,
     ):
         """tokens (B, L) ids or (B, L, s) bags. targets (B, L, s) or (B, L) next-(bag) ids, -100 = ignore.
         Returns the scalar loss when targets are given, else logits (B, L, V) in float32-or-compute dtype.
@@ -327,7 +329,10 @@ class Transformer(nn.Module):
         counts used for the fractions). Like `slot_counts` for the LM loss, the caller makes the aux loss a
         global-batch quantity: `router_counts_reduce` maps this forward's (n_moe, E) counts to their sum over ranks
         (an all-reduce; called once, after the last layer) and `router_tokens` is the global number of routed
-        positions in the step; then the shares of every rank and micro-batch add up (pipeline/moe.py)."""
+        positions in the step; then the shares of every rank and micro-batch add up (pipeline/moe.py).
+        `router_counts` ((n_moe, E), no reduce then) gives the step's counts over ALL ranks and micro-batches
+        instead, from a routing pre-pass: `router_counts_only=True` (under torch.no_grad) runs the embedding and the
+        layers only and returns this forward's (n_moe, E) counts: no final norm, LM head or loss."""
         if tokens.dim() == 3:  # Listing 2: mean of the s slot embeddings in float32, cast back
             h = tst_ops.bag_embedding(tokens, self.tok_embeddings.weight)  # (B, L, D)
         elif tokens.dim() == 2:
@@ -343,6 +348,8 @@ class Transformer(nn.Module):
             h, stats = layer(h, cos, sin, cache, i, start_pos)  # (B, L, D)
             if stats is not None:
                 router_stats.append(stats)
+        if router_counts_only:
+            return torch.stack([c for c, _, _ in router_stats])  # (n_moe, E)
         h = self.norm(h)  # (B, L, D)
         if targets is None:
             return self.lm_head(h)  # (B, L, V)
@@ -362,7 +369,9 @@ class Transformer(nn.Module):
         from pipeline.moe import moe_losses
 
         counts = torch.stack([c for c, _, _ in router_stats])  # (n_moe, E) this forward's assignments
-        if router_counts_reduce is not None:
+        if router_counts is not None:
+            counts = router_counts  # (n_moe, E) the step's, summed over ranks and micro-batches (pre-pass)
+        elif router_counts_reduce is not None:
             counts = router_counts_reduce(counts)  # (n_moe, E) summed over ranks
         aux, z = moe_losses(router_stats, self.cfg.num_experts, self.cfg.experts_per_token, counts, router_tokens)
         self.moe_last = {"lm": lm.detach(), "aux": aux.detach(), "z": z.detach(), "counts": counts.detach()}

@@ -37,6 +37,21 @@ C (counts, no gradient) and S (probability sums, differentiable) are sums over t
 counts C all-reduced over ranks and the global N from the caller, and returns this shard's additive share
 E/k * sum_e (C_e/N)(S_e^local/N), so the shares of all ranks add up to the aux loss of the global batch. The
 optional router z-loss (ST-MoE) is mean_tokens logsumexp(logits)^2, additive the same way.
+
+Gradient accumulation (more than one micro-batch per rank): the shares add up to the global batch's aux loss only
+if every micro-batch's share uses the counts C of the WHOLE step, over all ranks and all micro-batches, and those
+are not known when the first micro-batch's backward runs. C carries no gradient but depends on the weights through
+every layer below, so there is no cheap way around a forward: the loop (train_step) runs a no-grad routing
+pre-pass over the rank's micro-batches (embedding and layers only, no LM head or loss), all-reduces its counts and
+passes them to every micro-batch's forward (`router_counts`). Then the aux loss and its gradient equal those of
+one forward over the global batch, whatever the worker count and micro-batch size (tests/test_moe.py). The cost
+is one forward of the layers per step (up to ~1/3 more compute), so it is a config key, `train.moe_aux_prepass`,
+default on: the issue's contract is a worker-count-independent loss (an elastic run changes the micro-batches
+per rank when it resizes), and the pre-pass costs nothing where it is not needed, since with one micro-batch per
+rank (the default, and recipes/10b-a1b.yaml, which avoids accumulation for FSDP2's sake anyway) the step's counts
+are the all-reduce of the one forward's. Off: each micro-step (the m-th micro-batch of every rank) uses its own
+fractions (as Hugging Face's `load_balancing_loss_func`, which sees one forward's tokens), and the aux loss is
+the token-weighted mean of the micro-steps'.
 """
 
 from __future__ import annotations

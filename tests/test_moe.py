@@ -362,9 +362,45 @@ def test_train_step_aux_matches_the_model_on_the_whole_batch(tmp_path):
     assert torch.equal(tr.moe_step["counts"], want["counts"])
 
 
+def _one_step_grads(tmp_path, *extra):
+    """One superposition step of the loop on the first global batch: (moe_step, LM loss, {param: gradient})."""
+    from pipeline.loop import LocalReporter, Trainer
+    from pipeline.metrics import MetricsSink
+
+    cfg = loop_cfg("train.steps=1", "train.switch_fraction=1.0", *extra)
+    tr = Trainer(cfg, StreamSource(stream(), cfg), LocalReporter(str(tmp_path), MetricsSink(str(tmp_path), 1,
+                 console=False), keep=1), vocab_size=VOCAB)
+    grads = {}
+    tr.optimizer.step = lambda: grads.update({n: p.grad.clone() for n, p in tr.model.named_parameters()})
+    loss, _ = tr.train_step(0, StreamSource(stream(), cfg).step_windows(0, 0, 1))
+    return tr.moe_step, loss, grads
+
+
+def test_aux_loss_and_gradients_do_not_depend_on_micro_batches(tmp_path):
+    """Gradient accumulation: 2 micro-batches of 2 windows and 4 of 1 give the aux loss, z-loss, expert counts and
+    every gradient of 1 micro-batch of 4, thanks to the routing pre-pass (train.moe_aux_prepass). Without it, each
+    micro-batch's own token fractions give another aux loss and router gradient: the pre-pass is what makes it
+    exact."""
+    one, loss1, g1 = _one_step_grads(tmp_path / "one")
+    for micro in (2, 1):
+        acc, loss, g = _one_step_grads(tmp_path / f"acc{micro}", f"train.micro_batch_size={micro}")
+        assert loss == pytest.approx(loss1, rel=1e-6)
+        assert acc["aux"] == pytest.approx(one["aux"], rel=1e-6) and acc["z"] == pytest.approx(one["z"], rel=1e-6)
+        assert torch.equal(acc["counts"], one["counts"])
+        assert g.keys() == g1.keys()
+        for k in g1:
+            torch.testing.assert_close(g[k], g1[k], rtol=1e-5, atol=1e-7, msg=k)
+    off, _, g_off = _one_step_grads(tmp_path / "off", "train.micro_batch_size=1", "train.moe_aux_prepass=false")
+    assert torch.equal(off["counts"], one["counts"])  # the same routing, summed afterwards for the metrics
+    assert abs(off["aux"] - one["aux"]) > 1e-3  # per-micro-batch fractions: another loss...
+    router = "layers.0.feed_forward.router.weight"
+    assert not torch.allclose(g_off[router], g1[router], rtol=1e-3, atol=1e-6)  # ...and another router gradient
+
+
 def test_two_fsdp_workers_under_ray_train_equal_the_ray_free_step(tmp_path, ray_session):
     """One superposition step of tiny-moe: TorchTrainer with 2 gloo FSDP2 workers (experts sharded along the
-    expert dimension) vs the Ray-free loop: the same LM loss, aux loss, expert counts and updated weights."""
+    expert dimension), each accumulating 2 micro-batches of 1 window, vs the Ray-free loop with 1 micro-batch of
+    4: the same LM loss, aux loss, expert counts and updated weights (the aux loss through the routing pre-pass)."""
     import os
     import sys
 
@@ -378,6 +414,7 @@ def test_two_fsdp_workers_under_ray_train_equal_the_ray_free_step(tmp_path, ray_
     cfg = loop_cfg("train.steps=1", "train.switch_fraction=1.0", "train.checkpoint_every=1")
     _, plain, _ = run_local(cfg, str(tmp_path / "plain"))
     run_dir = str(tmp_path / "runs" / "ray")
+    cfg = loop_cfg("train.steps=1", "train.switch_fraction=1.0", "train.checkpoint_every=1", "train.micro_batch_size=1")
     build_trainer(cfg, source=StreamSource(stream(), cfg), vocab_size=VOCAB, tokenizer_json=None, run_name="ray",
                   run_dir=run_dir, storage_path=str(tmp_path / "runs"), tracking_uri=None, mlflow_run_id=None,
                   console=False).fit()
