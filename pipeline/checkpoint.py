@@ -325,6 +325,51 @@ def sweep_staging(root: str) -> int:
     return n
 
 
+# -- resume: does this checkpoint continue this run? ----------------------------------------------------------------
+CHECKPOINT_FORMAT = 2  # 1: no manifests/RNG/stream; 2: this file's layout. A newer format is refused.
+
+# Keys that are not part of the data stream's identity but still make another run (the model is checked by the
+# load itself: a different shape does not load).
+RESUME_KEYS = ("train.steps", "train.switch_fraction", "train.global_batch_size", "data.bag_size", "data.seq_len",
+               "train.seed")
+
+
+def check_resume(cfg, meta: dict, source=None) -> None:
+    """The one decision whether a checkpoint may continue under `cfg` reading `source`: refuse, in one line,
+    anything that would change which tokens a step reads (the stores' content ids, their mixture weights, the
+    layout, the shuffle and its seed, the schedule: `StoreSource.identity()`), the run's T/r/s/B/L/seed, or a
+    checkpoint format this code does not know. `run.allow_resume_changes=true` continues anyway."""
+    from pipeline.config import Config, ConfigError
+
+    fmt = int(meta.get("format_version") or 1)
+    if fmt > CHECKPOINT_FORMAT:
+        raise ConfigError(f"cannot resume: the checkpoint has format {fmt}, this tst reads up to {CHECKPOINT_FORMAT}; "
+                          f"upgrade tst")
+    if cfg.run.allow_resume_changes:
+        return
+    fix = "; use the saved config, or set run.allow_resume_changes=true to continue anyway"
+    saved = Config.from_dict({k: v for k, v in meta["config"].items() if k != "model"}).flatten()
+    now = cfg.flatten()
+    diff = [f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in RESUME_KEYS if saved.get(k) != now.get(k)]
+    if diff:
+        raise ConfigError("cannot resume: the checkpoint belongs to a different run (" + "; ".join(diff) + ")" + fix)
+    stream = meta.get("stream")
+    ident = source.identity() if source is not None and hasattr(source, "identity") else None
+    if stream and ident:
+        stream = json.loads(json.dumps(stream))  # tuples and lists compare alike
+        ident = json.loads(json.dumps(ident))
+        diff = [f"{k}: saved {stream.get(k)!r}, now {ident.get(k)!r}" for k in sorted(set(stream) | set(ident))
+                if stream.get(k) != ident.get(k)]
+        if diff:
+            raise ConfigError("cannot resume: the data stream differs from the checkpoint's (" + "; ".join(diff) +
+                              "); restore the data and data.* settings" + fix)
+        return
+    saved_store, store_id = meta.get("data_store"), getattr(source, "store_id", None)  # format 1 checkpoints
+    if saved_store and store_id and saved_store != store_id:
+        raise ConfigError(f"cannot resume: the checkpoint read token store {saved_store}, but data.source or the "
+                          f"tokenizer now give store {store_id} (the corpus changed); restore the data" + fix)
+
+
 def find_checkpoint(path: str) -> str:
     """A checkpoint folder, or a run folder / checkpoints folder (its latest checkpoint)."""
     if is_complete(path):

@@ -30,6 +30,7 @@ from typing import Iterator, Optional, Protocol
 import torch
 import torch.distributed as dist
 
+from pipeline.checkpoint import CHECKPOINT_FORMAT
 from pipeline.config import Config
 from pipeline.metrics import StepTimer, peak_flops_for
 
@@ -190,6 +191,8 @@ class Trainer:
             "tokenizer": "tokenizer.json",
             "model_params": sum(p.numel() for p in self.model.parameters()),
             "data_store": getattr(self.source, "store_id", None),  # the tokenized data this run reads
+            "stream": self.source.identity() if hasattr(self.source, "identity") else None,  # what step t reads
+            "format_version": CHECKPOINT_FORMAT,
         }
 
     def save(self, metrics: Optional[dict]) -> None:
@@ -202,14 +205,13 @@ class Trainer:
         self.reporter.report(metrics, staging, self.state.step)
 
     def maybe_resume(self) -> None:
-        from pipeline.checkpoint import load_checkpoint, read_meta, restore_rng
+        from pipeline.checkpoint import check_resume, load_checkpoint, read_meta, restore_rng
 
         with self.reporter.latest_checkpoint() as path:
             if path is None:
                 return
             saved = read_meta(path)  # refuse another run's checkpoint before loading (shapes may differ)
-            check_resume_compatible(self.cfg, saved)
-            _check_same_store(self.cfg, saved, getattr(self.source, "store_id", None))
+            check_resume(self.cfg, saved, self.source)
             meta = load_checkpoint(path, self.model, self.optimizer)
             restore_rng(path, self.rank, self.cfg.train.seed, int(meta["step"]))
         self.state.step = int(meta["step"])
@@ -375,6 +377,8 @@ class Trainer:
             step = done
         if hasattr(it, "close"):
             it.close()
+        if val_loss is None and status == "finished":  # resumed at the end: no step ran, the loss is still known
+            val_loss = self.evaluate()
         summary = {
             "kind": "final",
             "step": self.state.step,
@@ -391,8 +395,6 @@ class Trainer:
             summary["message"] = (
                 f"non-finite loss or gradient norm at step {self.state.step}; the run stopped. Last good "
                 f"checkpoint: {self.reporter.last_good_checkpoint() or 'none'}. Lower train.lr or raise "
-        if val_loss is None and status == "finished":  # resumed at the end: no step ran, the loss is still known
-            val_loss = self.evaluate()
                 f"train.warmup_steps, then resume from that checkpoint")
         self.reporter.report(summary, None, self.state.step)
         return summary
@@ -484,6 +486,12 @@ def _maybe_inject_failure(step: int, rank: int) -> None:
     if not spec:
         return
     at, who, mode, marker = spec.split(":", 3)
+    if step == int(at) and rank == int(who) and mode == "fatal":  # every time: a deterministic error
+        from pipeline.errors import DataError
+
+        with open(marker, "a") as f:  # one line per attempt: a test counts the attempts
+            f.write(f"fatal at step {step} on rank {rank}\n")
+        raise DataError(f"injected deterministic error at step {step} on rank {rank} (TST_INJECT_FAILURE)")
     if step != int(at) or rank != int(who) or os.path.exists(marker):
         return
     with open(marker, "w") as f:
@@ -500,43 +508,7 @@ def _resolved_config(cfg: Config, model_cfg) -> dict:
 
     d = cfg.to_dict()
     d["model"] = dataclasses.asdict(model_cfg)
-    if step == int(at) and rank == int(who) and mode == "fatal":  # every time: a deterministic error
-        from pipeline.errors import DataError
-
-        with open(marker, "a") as f:  # one line per attempt: a test counts the attempts
-            f.write(f"fatal at step {step} on rank {rank}\n")
-        raise DataError(f"injected deterministic error at step {step} on rank {rank} (TST_INJECT_FAILURE)")
     return d
-
-
-RESUME_KEYS = ("train.steps", "train.switch_fraction", "train.global_batch_size", "data.bag_size", "data.seq_len",
-               "data.source", "data.tokenizer", "train.seed")
-
-
-def check_resume_compatible(cfg: Config, meta: dict) -> None:
-    """Resume continues the run that was saved: T, r, s and the data must match (design notes)."""
-    from pipeline.config import Config as C, ConfigError
-
-    if cfg.run.allow_resume_changes:
-        return
-    saved = C.from_dict({k: v for k, v in meta["config"].items() if k != "model"}).flatten()
-    now = cfg.flatten()
-    diff = [f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in RESUME_KEYS if saved.get(k) != now.get(k)]
-    if diff:
-        raise ConfigError("cannot resume: the checkpoint belongs to a different run (" + "; ".join(diff) +
-                          "); use the saved config, or set run.allow_resume_changes=true to continue anyway")
-
-
-def _check_same_store(cfg: Config, meta: dict, store_id: Optional[str]) -> None:
-    """The data must be the data the checkpoint was trained on: a changed corpus or tokenizer has another store."""
-    from pipeline.config import ConfigError
-
-    saved = meta.get("data_store")
-    if cfg.run.allow_resume_changes or not saved or not store_id or saved == store_id:
-        return
-    raise ConfigError(f"cannot resume: the checkpoint read token store {saved}, but data.source or the tokenizer now "
-                      f"give store {store_id} (the corpus changed); restore the data, or set "
-                      f"run.allow_resume_changes=true to continue on the new data")
 
 
 class LocalReporter:

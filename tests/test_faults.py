@@ -211,3 +211,37 @@ def test_a_deterministic_worker_error_ends_the_run_once_with_one_line(shared_out
         run_training(cfg, use_ray=True, name="fatal", console=False)
     assert len(open(marker).read().splitlines()) == 1  # not retried
     assert [r.info.status for r in _mlflow_runs(f"sqlite:///{out}/mlflow.db")] == ["FAILED"]
+
+
+# -- resume: one decision over everything that determines the stream --------------------------------------------------
+@pytest.mark.parametrize("change,what", [
+    ("data.shuffle_seed=7", "shuffle_seed"), ("data.shuffle=false", "shuffle"),
+    ("data.shuffle_chunk_tokens=4096", "shuffle_chunk_tokens"), ("data.batch_layout=stream", "layout"),
+    ("data.val_fraction=0.05", "stores"), ("data.max_documents=250", "stores"),
+])
+def test_resume_refuses_any_change_to_what_a_step_reads(shared_out, tmp_path, change, what):
+    cfg = make_cfg(shared_out, "train.steps=4")
+    run_local(cfg, str(tmp_path))
+    with pytest.raises(ConfigError, match=rf"data stream differs .*{what}: saved"):
+        run_local(make_cfg(shared_out, "train.steps=4", change), str(tmp_path))
+    run_local(make_cfg(shared_out, "train.steps=4", change, "run.allow_resume_changes=true"), str(tmp_path))
+
+
+def test_a_checkpoint_of_a_newer_format_is_refused(shared_out, tmp_path):
+    from pipeline.checkpoint import CHECKPOINT_FORMAT, LocalCheckpointManager, _file_record
+
+    cfg = make_cfg(shared_out, "train.steps=4")
+    run_local(cfg, str(tmp_path))
+    path = os.path.join(LocalCheckpointManager(str(tmp_path)).latest(), "meta.json")
+    meta = json.load(open(path))
+    assert meta["format_version"] == CHECKPOINT_FORMAT
+    meta["format_version"] = CHECKPOINT_FORMAT + 1
+    with open(path, "w") as f:
+        json.dump(meta, f)
+    man_path = os.path.join(os.path.dirname(path), "manifest-0.json")  # as a newer tst would have written it
+    man = json.load(open(man_path))
+    man["files"]["meta.json"] = _file_record(path)
+    with open(man_path, "w") as f:
+        json.dump(man, f)
+    with pytest.raises(ConfigError, match="has format 3, this tst reads up to 2"):
+        run_local(cfg, str(tmp_path))

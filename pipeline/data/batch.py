@@ -292,6 +292,16 @@ class StoreSource:
         per_row = self.plan.offset(steps_done) // self.plan.global_batch_size
         return {f"data_tokens_{c.name}": n * per_row for c, n in zip(self.components, self._lanes)}
 
+    def identity(self) -> dict:
+        """Everything that decides which tokens step t reads: the stores (content ids) and their weights, the
+        layout, the shuffle and its seed, and the schedule. A resume must find the same (pipeline.checkpoint)."""
+        p = self.plan
+        return {"stores": [[c.name, c.store_id or os.path.basename(c.uri.rstrip("/")), c.weight]
+                           for c in self.components],
+                "layout": self.layout, "shuffle": self.shuffle, "shuffle_chunk_tokens": self.chunk_tokens,
+                "shuffle_seed": self.seed, "doc_boundary": self.doc_boundary,
+                "plan": [p.total_steps, p.switch_fraction, p.bag_size, p.seq_len, p.global_batch_size]}
+
     def layout_summary(self) -> dict:
         """Rows per source, lane length and epochs (what `tst data inspect` prints)."""
         self._ensure_layout()
