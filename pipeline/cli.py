@@ -15,7 +15,7 @@ import sys
 COMMAND_MODULES = [
     "pipeline.train_cli",  # tst train, tst demo
     "pipeline.data_cli",  # tst data inspect, tst tokenizer train, tst data build-corpus
-    "pipeline.export",  # tst export, tst generate
+    "pipeline.export_cli",  # tst export, tst generate
     "pipeline.compare",  # tst compare
     "tune.cli",  # tst tune
 ]
@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from pipeline.config import ConfigError
+    from pipeline.quiet import console_defaults
+
+    console_defaults()  # before anything imports Ray Data or MLflow (pipeline/quiet.py says which line and why)
 
     parser = build_parser()
     args = parser.parse_args(argv)

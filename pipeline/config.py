@@ -29,14 +29,14 @@ class ModelConfig:
 
     preset: str = "tiny"  # tiny | 125M | 270M | 600M | 3B | tiny-moe | 10B-A1B (see pipeline/model.py)
     vocab_size: Optional[int] = None  # None: taken from the tokenizer
-    hidden_size: Optional[int] = None
-    num_layers: Optional[int] = None
-    num_heads: Optional[int] = None
-    num_kv_heads: Optional[int] = None
-    intermediate_size: Optional[int] = None
-    rope_theta: Optional[float] = None
-    rms_norm_eps: Optional[float] = None
-    max_position_embeddings: Optional[int] = None
+    hidden_size: Optional[int] = None  # D: model width (None: the preset's)
+    num_layers: Optional[int] = None  # decoder blocks
+    num_heads: Optional[int] = None  # attention query heads (head dim = hidden_size / num_heads)
+    num_kv_heads: Optional[int] = None  # key/value heads (grouped-query attention; divides num_heads)
+    intermediate_size: Optional[int] = None  # SwiGLU MLP width of the dense layers
+    rope_theta: Optional[float] = None  # RoPE base frequency
+    rms_norm_eps: Optional[float] = None  # RMSNorm epsilon
+    max_position_embeddings: Optional[int] = None  # longest sequence the exported config declares
     # Mixture-of-Experts (pipeline/moe.py; Qwen3-MoE). num_experts 0 = dense (the Llama presets).
     num_experts: Optional[int] = None  # E: experts per MoE layer
     experts_per_token: Optional[int] = None  # k: top-k token-choice routing (Qwen3 num_experts_per_tok)
@@ -45,7 +45,7 @@ class ModelConfig:
     router_aux_loss_coef: Optional[float] = None  # Switch load-balancing loss weight (aux = 1 at uniform routing)
     router_z_loss_coef: Optional[float] = None  # ST-MoE router z-loss weight; 0 = off
     qk_norm: Optional[bool] = None  # Qwen3's per-head RMSNorm of queries and keys (on for the MoE presets)
-    init_std: float = 0.02
+    init_std: float = 0.02  # std of the normal weight initialisation
 
 
 @dataclass
@@ -58,17 +58,17 @@ class DataConfig:
     text_field: str = "text"  # JSON Lines field / Parquet column holding the document
     text_split: str = "file"  # text files: "file" (one document per file) or "blank_line"
     val_source: Optional[str] = None  # a separate held-out path; None: split off val_fraction of documents
-    val_fraction: float = 0.01
+    val_fraction: float = 0.01  # share of documents held out for validation (when val_source is None)
     val_windows: int = 64  # held-out next-token windows scored at each evaluation
     # Tokenizer: "gpt2" (bundled GPT-2 BPE), "bpe:N" (byte-level BPE of vocab N trained on the corpus and
     # cached in the output dir), or a path to any tokenizer.json.
-    tokenizer: str = "bpe:4096"
+    tokenizer: str = "bpe:4096"  # gpt2 | bpe:N (trained on the corpus, cached) | a tokenizer.json path
     seq_len: int = 128  # L: latent positions per window (the baseline's context length)
     bag_size: int = 1  # s: tokens per bag in the superposition phase (1 = no superposition)
     doc_boundary: str = "cross"  # cross | mask (see tst_ops.next_bag_targets)
     on_bad_record: str = "skip"  # skip | fail: malformed JSON lines / unreadable Parquet files
-    num_tokenize_actors: int = 1
-    tokenize_batch_size: int = 256
+    num_tokenize_actors: int = 1  # Ray Data tokenizer actors of a prepare
+    tokenize_batch_size: int = 256  # documents per tokenizer call
     max_documents: Optional[int] = None  # cap on documents read (smoke tests, quick looks)
     split_seed: int = 0  # seeds the hash that picks the val_fraction of held-out documents
     eos_token: Optional[str] = None  # a tokenizer.json's end-of-document token; None: <|endoftext|>, </s>, ...
@@ -87,7 +87,7 @@ class DataConfig:
     read_block_mb: float = 1.0  # object stores: ranged-read block size (read-ahead per lane; 2 blocks kept per row)
     # What a batch is (pipeline/data/lanes.py): "lanes" (row b of every step reads lane b of the shuffled epoch)
     # or "stream" (B consecutive windows in stream order; with shuffle=false it trains behind a store being written)
-    batch_layout: str = "lanes"
+    batch_layout: str = "lanes"  # lanes (row b of every step reads lane b of the epoch) | stream (consecutive)
     shuffle: bool = True  # permute the epoch by chunks, anew each epoch from (shuffle_seed, epoch); false: file order
     shuffle_chunk_tokens: int = 65536  # shuffle granularity (memory: one int per chunk)
     shuffle_seed: Optional[int] = None  # None: train.seed (so TST and its baseline with one seed read one stream)
@@ -96,9 +96,9 @@ class DataConfig:
     sources: dict = field(default_factory=dict)
     # Ray mode prepare: resources of the Ray Data read tasks and tokenizer actors; actor_resources
     # (e.g. {"data_node": 0.001}) pins them to CPU nodes of a cluster.
-    read_cpus: float = 0.5
-    tokenize_actor_cpus: float = 1.0
-    actor_resources: dict = field(default_factory=dict)
+    read_cpus: float = 0.5  # CPUs of each Ray Data read task
+    tokenize_actor_cpus: float = 1.0  # CPUs (and tokenizer threads) of each tokenizer actor
+    actor_resources: dict = field(default_factory=dict)  # extra Ray resources of read tasks and tokenizer actors
 
 
 @dataclass
@@ -113,25 +113,25 @@ class TrainConfig:
     # load-balancing loss uses the global batch's token fractions exactly (one more forward of the layers per step,
     # up to ~1/3 more compute); false: each micro-step's own fractions (approximate). One micro-batch: no pre-pass.
     moe_aux_prepass: bool = True
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 40
+    lr: float = 3e-3  # AdamW peak learning rate (after warmup, before decay)
+    min_lr_ratio: float = 0.1  # learning rate at the end of the decay, as a fraction of lr
+    warmup_steps: int = 40  # linear warmup from 0 to lr
     decay_fraction: float = 0.1  # WSD: decay over the last 10% of steps (paper)
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
+    weight_decay: float = 0.1  # AdamW decoupled weight decay
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0: no clipping)
     loss_weights: str = "uniform"  # uniform | power (w_i = 1/i, the paper's choice for s >= 8)
-    seed: int = 0
+    seed: int = 0  # model initialisation (and, unless data.shuffle_seed, the data order)
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
-    compile: bool = False
-    activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each decoder block
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
     fused_loss_chunk: Optional[int] = None  # rows per chunk of the fused LM-head loss; None: automatic
-    log_every: int = 10
-    eval_every: int = 50
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 3
+    log_every: int = 10  # steps between progress lines and logged training metrics
+    eval_every: int = 50  # steps between validation losses (also at the switch and the last step)
+    checkpoint_every: int = 100  # steps between checkpoints (also at the switch and the last step)
+    keep_checkpoints: int = 3  # newest checkpoints kept; older ones are deleted
     threads: Optional[int] = None  # torch intra-op threads per worker (CPU); None: leave torch's default
 
 
@@ -139,14 +139,14 @@ class TrainConfig:
 class ScalingConfig:
     """Where the loop runs. `num_workers = 0` runs the Ray-free loop in this process."""
 
-    num_workers: int = 1
+    num_workers: int = 1  # Ray Train workers (ranks); 0: the Ray-free loop in this process
     min_workers: Optional[int] = None  # set (with num_workers as max) for elastic training
-    use_gpu: bool = False
-    cpus_per_worker: float = 0.5  # fractional on purpose: see the 2-core trap in the README
-    gpus_per_worker: float = 1.0
+    use_gpu: bool = False  # one GPU per worker (NCCL, bf16); false: CPU workers on gloo
+    cpus_per_worker: float = 0.5  # CPUs each worker asks Ray for (a local Ray has max(4, cores) logical CPUs)
+    gpus_per_worker: float = 1.0  # GPUs each worker asks Ray for (use_gpu=true)
     worker_resources: dict = field(default_factory=dict)  # e.g. {"train_node": 0.001} to target node types
     elastic_resize_interval_s: float = 60.0  # elastic runs: seconds between checks for capacity to grow back
-    max_failures: int = 3
+    max_failures: int = 3  # worker failures Ray Train restarts from the last checkpoint before giving up
     ray_num_cpus: Optional[int] = None  # logical CPUs for a local ray.init(); None: max(4, real cores)
 
 
@@ -156,10 +156,10 @@ class RunConfig:
 
     name: Optional[str] = None  # None: derived from the recipe and a timestamp
     output_dir: str = "outputs"  # checkpoints, metrics JSONL, tokenizer cache, local MLflow store
-    storage_path: Optional[str] = None  # Ray Train storage (s3://..., NFS); None: <output_dir>/ray
+    storage_path: Optional[str] = None  # Ray Train storage (s3://..., NFS); None: <output_dir>/runs (the run folders)
     tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI or sqlite:///<output_dir>/mlflow.db
-    experiment: str = "tst"
-    tracking: bool = True
+    experiment: str = "tst"  # MLflow experiment name
+    tracking: bool = True  # record the run in MLflow (false: metrics.jsonl and summary.json only)
     parent_run_id: Optional[str] = None  # nest this run under an MLflow parent (Tune)
     resume: bool = True  # continue from the run's latest checkpoint when one exists
     allow_resume_changes: bool = False  # resume even if T, r, s, batch or data differ from the checkpoint
@@ -386,10 +386,6 @@ def validate(cfg: Config) -> None:
     for k in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         if getattr(t, k) < 1:
             raise ConfigError(f"train.{k} must be >= 1, got {getattr(t, k)}")
-
-
-def describe_keys() -> str:
-    """Every dotted key with its default, for `tst train --help`."""
     _check_numbers(cfg)
     check_run_name(cfg.run.name)
 
@@ -459,7 +455,3 @@ def redact_secrets(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(redact_secrets(v) for v in value)
     return value
-    lines = []
-    for key, value in Config().flatten().items():
-        lines.append(f"  {key} = {value!r}")
-    return "\n".join(lines)

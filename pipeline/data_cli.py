@@ -1,6 +1,6 @@
 """`tst data inspect`, `tst tokenizer train`, `tst data build-corpus`.
 
-    tst data prepare --config recipes/tiny.yaml [--no-ray] [key=value ...]   # tokenize once into the token store
+    tst data prepare [--config recipes/tiny.yaml] [--no-ray] [key=value ...]   # tokenize once into the token store
     tst data inspect --config recipes/tiny.yaml [key=value ...]   # what the model will read (from the store)
     tst tokenizer train --config recipes/tiny.yaml --vocab-size 8192 [--out tok.json]
     tst data build-corpus --out data/bench100 [--mb 100] [--no-debian]
@@ -14,22 +14,34 @@ import argparse
 import json
 import sys
 
+RECIPE_HELP = "recipe YAML (default: recipes/tiny.yaml, the recipe of tst train and tst demo)"
+
+
+def _keys_epilog() -> str:
+    from pipeline.config_help import default_recipe, describe_keys
+
+    return "Overrides are dotted config keys (the same as tst train's).\n\n" + describe_keys(default_recipe())
+
 
 def register(subparsers) -> None:
     data = subparsers.add_parser("data", help="inspect the data stream, build a benchmark corpus")
     dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
     data.set_defaults(func=lambda a: (data.print_help(), 2)[1])
 
-    prep = dsub.add_parser("prepare", help="tokenize the corpus once into the token store (Ray Data job)")
-    prep.add_argument("--config", help="recipe YAML (default: built-in defaults)")
+    epilog = _keys_epilog()
+    raw = argparse.RawDescriptionHelpFormatter
+    prep = dsub.add_parser("prepare", help="tokenize the corpus once into the token store (Ray Data job)",
+                           epilog=epilog, formatter_class=raw)
+    prep.add_argument("--config", help=RECIPE_HELP)
     prep.add_argument("--no-ray", action="store_true", help="prepare in this process instead of a Ray Data job "
                       "(same bytes)")
     prep.add_argument("--verify", action="store_true", help="then read every shard and check its sha256")
     prep.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. data.source=corpus/")
     prep.set_defaults(func=cmd_prepare)
 
-    ins = dsub.add_parser("inspect", help="documents, tokens, windows per phase, skipped items, a sample window")
-    ins.add_argument("--config", help="recipe YAML (default: built-in defaults)")
+    ins = dsub.add_parser("inspect", help="documents, tokens, windows per phase, skipped items, a sample window",
+                          epilog=epilog, formatter_class=raw)
+    ins.add_argument("--config", help=RECIPE_HELP)
     ins.add_argument("--no-ray", action="store_true", help="if the store is missing, prepare it in this process")
     ins.add_argument("--max-bags", type=int, default=48, help="bags of the sample window to print (default 48)")
     ins.add_argument("--json", action="store_true", help="print the numbers as JSON instead of text")
@@ -47,8 +59,9 @@ def register(subparsers) -> None:
     tok = subparsers.add_parser("tokenizer", help="train a byte-level BPE on the corpus")
     tsub = tok.add_subparsers(dest="tokenizer_command", metavar="TOKENIZER_COMMAND")
     tok.set_defaults(func=lambda a: (tok.print_help(), 2)[1])
-    tr = tsub.add_parser("train", help="train a byte-level BPE on the train split of data.source")
-    tr.add_argument("--config", help="recipe YAML (default: built-in defaults)")
+    tr = tsub.add_parser("train", help="train a byte-level BPE on the train split of data.source",
+                         epilog=epilog, formatter_class=raw)
+    tr.add_argument("--config", help=RECIPE_HELP)
     tr.add_argument("--vocab-size", type=int, default=None, help="vocabulary size (default: N of data.tokenizer=bpe:N, else 4096)")
     tr.add_argument("--out", default=None, help="tokenizer.json to write (default: the cache path that bpe:N uses)")
     tr.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. data.source=corpus/")
@@ -118,9 +131,9 @@ def prepare(cfg, no_ray: bool = False, verify: bool = False) -> dict:
 
 
 def cmd_prepare(args) -> int:
-    from pipeline.config import load_config
+    from pipeline.config_help import load_with_default_recipe
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_with_default_recipe(args.config, args.overrides)
     info = prepare(cfg, args.no_ray, args.verify)
     sk = ", ".join(f"{k} {v}" for k, v in info["stats"]["skipped"].items())
     how = f"prepared now ({info['mode']}, {info['seconds']}s)" if info["prepared_now"] else "already prepared: reused"
@@ -178,9 +191,9 @@ def inspect(cfg, max_bags: int = 48, no_ray: bool = False) -> dict:
 
 
 def cmd_inspect(args) -> int:
-    from pipeline.config import load_config
+    from pipeline.config_help import load_with_default_recipe
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_with_default_recipe(args.config, args.overrides)
     info = inspect(cfg, args.max_bags, args.no_ray)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -219,10 +232,10 @@ def cmd_inspect(args) -> int:
 
 # -- tst tokenizer train ---------------------------------------------------------------------------------------------
 def cmd_tokenizer_train(args) -> int:
-    from pipeline.config import load_config
+    from pipeline.config_help import load_with_default_recipe
     from pipeline.tokenizer import bpe_cache_path, parse_tokenizer_spec, train_corpus_bpe
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_with_default_recipe(args.config, args.overrides)
     kind, n = parse_tokenizer_spec(cfg.data.tokenizer)
     vocab = args.vocab_size or (n if kind == "bpe" else 4096)
     out = args.out or bpe_cache_path(cfg.data, cfg.run.output_dir, vocab)

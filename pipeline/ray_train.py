@@ -240,9 +240,14 @@ def ensure_ray(cfg) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        # The dashboard also serves the state API that Ray Train's placement-group cleaner polls.
+        from pipeline.quiet import free_port, local_ray_env
+
+        # The dashboard also serves the state API that Ray Train's placement-group cleaner polls; its port is
+        # exported (RAY_API_SERVER_ADDRESS) so the cleaner asks this cluster, not another Ray on the machine.
+        port = free_port()
+        local_ray_env(port)
         ray.init(address="local", num_cpus=cfg.scaling.ray_num_cpus or max(4, os.cpu_count() or 1),
-                 include_dashboard=True)
+                 include_dashboard=True, dashboard_port=port)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

@@ -36,9 +36,11 @@ def run_paths(cfg: Config, name: Optional[str] = None) -> RunPaths:
 
 
 def default_run_name(cfg: Config) -> str:
-    kind = "baseline" if cfg.data.bag_size == 1 or cfg.train.switch_fraction == 0 else (
-        f"tst-s{cfg.data.bag_size}-r{cfg.train.switch_fraction:g}")
-    return f"{cfg.model.preset}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """s, r and T first (MLflow's run table cuts long names to their start): `s4-r0.3-T300-tiny-20261202-014138`,
+    a baseline `s1-T300-tiny-...`."""
+    s, r = cfg.data.bag_size, cfg.train.switch_fraction
+    kind = "s1" if s == 1 or r == 0 else f"s{s}-r{r:g}"
+    return f"{kind}-T{cfg.train.steps}-{cfg.model.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def check_inputs(cfg: Config) -> None:
@@ -139,12 +141,12 @@ def run_training(cfg: Config, *, use_ray: bool = True, name: Optional[str] = Non
     tracker = None
     try:
         if uri is not None:
-            from pipeline.tracking import MlflowTracker, environment_tags
+            from pipeline.tracking import MlflowTracker, environment_tags, run_params
 
             run_id = MlflowTracker.find_run(uri, cfg.run.experiment, paths.name)
             tracker = MlflowTracker(uri, cfg.run.experiment, paths.name, run_id=run_id,
                                     parent_run_id=cfg.run.parent_run_id)
-            tracker.log_params(cfg.flatten())  # redacted by log_params
+            tracker.log_params(run_params(cfg))  # redacted by log_params; model.* once the vocabulary is known
             world = max(1, cfg.scaling.num_workers) if use_ray else 1
             tracker.set_tags(environment_tags(world))
 
@@ -155,6 +157,10 @@ def run_training(cfg: Config, *, use_ray: bool = True, name: Optional[str] = Non
             ensure_ray(cfg)  # the prepare (Ray Data) and the TorchTrainer need a running Ray
         # Training starts once the store's first shard is committed; the prepare (if any) goes on behind it.
         tok, source = prepare_data(cfg, paths.output_dir, mode, wait="first", console=console)
+        if tracker is not None:
+            from pipeline.tracking import model_params
+
+            tracker.log_params(model_params(cfg, tok.vocab_size))
         check_held_out(cfg, source)
         if use_ray:
             check_store_reachable(cfg, source)

@@ -11,6 +11,7 @@ Decisions:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -90,6 +91,47 @@ def environment_tags(world_size: int) -> dict[str, str]:
     return tags
 
 
+# MLflow 3 records what an experiment is for in this tag; its UI opens a "custom_model_development" experiment on
+# its runs (the classic table and charts) instead of the GenAI traces page (mlflow 3.17: the values in
+# mlflow/server/js's experiment-kind enum; the tag is what the UI's own "experiment type" selector writes).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
+def ensure_experiment(client, name: str, uri: str) -> str:
+    """The experiment's id, created (artifacts beside a SQLite store) and marked as model training if needed."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name, artifact_location=default_artifact_location(uri),
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except Exception:  # created meanwhile by another process (two Tune trials)
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in (exp.tags or {}):  # a store from before: mark it too (a user's own kind stays)
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
+
+
+def run_params(cfg) -> dict[str, Any]:
+    """The config as MLflow params, led by the three that tell runs apart (s, r, T: `bag_size` is also a per-step
+    metric, whose last value is the recovery phase's 1). model.* left to the preset are logged by
+    `model_params` once the tokenizer gives the vocabulary, with their resolved values instead of None."""
+    flat = cfg.flatten()
+    out = {"s": cfg.data.bag_size, "r": cfg.train.switch_fraction, "T": cfg.train.steps}
+    out.update({k: v for k, v in flat.items() if not (k.startswith("model.") and v is None)})
+    return out
+
+
+def model_params(cfg, vocab_size: Optional[int]) -> dict[str, Any]:
+    """model.* as the run builds them (the preset's values where the config says None)."""
+    from pipeline.model import resolve_model_config
+
+    m = resolve_model_config(cfg.model, vocab_size)
+    return {f"model.{k}": v for k, v in dataclasses.asdict(m).items()}
+
+
 class MlflowTracker:
     """One MLflow run. Created on the driver; `run_id` can be handed to another process to reopen it."""
 
@@ -103,9 +145,7 @@ class MlflowTracker:
         self.pending: list[tuple[dict, int]] = []
         self._warned = False
         if run_id is None:
-            exp = self.client.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(
-                experiment, artifact_location=default_artifact_location(uri))
+            exp_id = ensure_experiment(self.client, experiment, uri)
             tags = {"mlflow.runName": run_name, "tst.run_name": run_name}
             if parent_run_id:
                 tags["mlflow.parentRunId"] = parent_run_id

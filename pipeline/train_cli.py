@@ -5,16 +5,15 @@ from __future__ import annotations
 import argparse
 import os
 
-from pipeline.config import Config, ConfigError, describe_keys, load_config
-
-DEFAULT_RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "tiny.yaml")
+from pipeline.config import Config, ConfigError, load_config
+from pipeline.config_help import DEFAULT_RECIPE, default_recipe, describe_keys
 
 TRAIN_EPILOG = """\
 Overrides are dotted config keys, e.g.:
-  tst train --config recipes/tiny.yaml train.switch_fraction=0.3 data.bag_size=6 scaling.num_workers=2
+  tst train train.switch_fraction=0.3 data.bag_size=6 scaling.num_workers=2
+  tst train --config recipes/270m.yaml run.tracking_uri=http://127.0.0.1:5000
 
-Every key, with its default:
-""" + describe_keys()
+""" + describe_keys(default_recipe())
 
 
 def register(sub) -> None:
@@ -57,8 +56,7 @@ def _load(args) -> Config:
         overrides.append(f"run.tracking_uri={args.tracking_uri}")
     if args.output_dir:
         overrides.append(f"run.output_dir={args.output_dir}")
-    path = args.config or (DEFAULT_RECIPE if os.path.exists(DEFAULT_RECIPE) else None)
-    return load_config(path, overrides)
+    return load_config(args.config or default_recipe(), overrides)
 
 
 def cmd_train(args) -> int:

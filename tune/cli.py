@@ -27,12 +27,15 @@ CONFIG_SECTIONS = {"model", "data", "train", "scaling", "run"}
 
 
 def register(sub) -> None:
+    from pipeline.config_help import default_recipe, describe_keys
+
     p = sub.add_parser(
         "tune", help="Ray Tune search over switch fraction and bag size (and lr / weights) at equal FLOPs",
         description="Search TST settings with Ray Tune: grid mode reproduces the paper's (s, r) tables, sample "
                     "mode uses a search algorithm (Optuna) for larger spaces. Every trial is a full training "
                     "run at the same steps and latent positions per step, tracked as a child MLflow run.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG + "\n" + describe_keys(default_recipe()),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None,
                    help="search spec YAML (base, overrides, space, mode, ...) or a plain recipe with --grid/--sample "
                         "(default: recipes/tiny.yaml)")

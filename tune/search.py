@@ -67,6 +67,7 @@ Decisions
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -726,7 +727,8 @@ def run_search(spec: SearchSpec, *, cli_overrides: Optional[list] = None, consol
         tuner = _new_tuner(spec, base, dims, points, meta, trainable, plan, exp_dir, name,
                            [progress] + list(callbacks or []), console)
     t0 = time.perf_counter()
-    tuner.fit()
+    with _tune_console(new_search=not restoring):
+        tuner.fit()
     wall = time.perf_counter() - t0
 
     from tune import report as rep
@@ -797,6 +799,25 @@ def _fingerprint_cfg(cfg: Config) -> dict:
     return json.loads(json.dumps(d, default=str))
 
 
+@contextlib.contextmanager
+def _tune_console(new_search: bool):
+    """Tune's console is ours (`Progress`): RAY_AIR_NEW_OUTPUT=0 (the legacy reporter, silent at verbose=0; the
+    new one prints a table and "View detailed results here" at any verbosity) and, for a new search, no automatic
+    loggers (`_new_tuner` passes Tune's CSV and JSON loggers itself, so no TensorBoard logger and no TensorBoard
+    hint; a search restored from before keeps what it started with). The user's own values win."""
+    wanted = {"RAY_AIR_NEW_OUTPUT": "0"}
+    if new_search:
+        wanted["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    set_here = [k for k in wanted if k not in os.environ]
+    for k in set_here:
+        os.environ[k] = wanted[k]
+    try:
+        yield
+    finally:
+        for k in set_here:
+            os.environ.pop(k, None)
+
+
 def _new_tuner(spec, base, dims, points, meta, trainable, plan, exp_dir, name, callbacks, console):
     tune = ray_tune
     base_flat = base.flatten()
@@ -838,8 +859,11 @@ def _new_tuner(spec, base, dims, points, meta, trainable, plan, exp_dir, name, c
         metric=METRIC, mode="min", search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
         max_concurrent_trials=plan.max_concurrent, reuse_actors=False,
         trial_name_creator=trial_dirname, trial_dirname_creator=trial_dirname)
-    run_config = tune.RunConfig(
-        name=name, storage_path=os.path.dirname(exp_dir), callbacks=callbacks, verbose=0,
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    run_config = tune.RunConfig(  # the loggers ExperimentAnalysis reads (tune.report), and no TensorBoard logger
+        name=name, storage_path=os.path.dirname(exp_dir), verbose=0,
+        callbacks=list(callbacks) + [CSVLoggerCallback(), JsonLoggerCallback()],
         failure_config=tune.FailureConfig(max_failures=0),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)

@@ -224,6 +224,16 @@ class _TokenizeActor:
                          "nul": pa.array(nul), "ids": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat))})
 
 
+def _actor_restarts() -> dict:
+    """On a one-node Ray, no restarts for the tokenizer actors: a dead one has nowhere else to go (an OOM kill
+    would repeat) and a killed prepare resumes from its committed shards; Ray Data's default (max_restarts=-1,
+    with its map function in the object store) also makes Ray core log an error-level line per actor
+    (ray-project/ray#53727). On a cluster, Ray Data's default stays (a lost node's actors move)."""
+    import ray
+
+    return {"max_restarts": 0} if len([n for n in ray.nodes() if n.get("Alive")]) <= 1 else {}
+
+
 def _ray_batches(p: _Pass, data_cfg, tok, start, batch_docs: int) -> Iterator[tuple]:
     import ray.data
     from ray.data import ActorPoolStrategy, DataContext
@@ -247,7 +257,7 @@ def _ray_batches(p: _Pass, data_cfg, tok, start, batch_docs: int) -> Iterator[tu
     ds = ds.map_batches(_TokenizeActor, fn_constructor_args=(tok.path, tok.eos_token, threads),
                         batch_size=data_cfg.tokenize_batch_size, batch_format="numpy",
                         compute=ActorPoolStrategy(size=max(1, data_cfg.num_tokenize_actors)),
-                        num_cpus=data_cfg.tokenize_actor_cpus, resources=res)
+                        num_cpus=data_cfg.tokenize_actor_cpus, resources=res, **_actor_restarts())
     for tbl in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4):
         ids = tbl.column("ids").combine_chunks()
         flat = ids.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)

@@ -1,0 +1,130 @@
+"""What a healthy run prints: our progress lines, the summary and real warnings, nothing else.
+
+Each line a successful `tst train` / `tst demo` / `tst tune` used to print, its cause, and what removes it at
+its source (no global change of `log_to_driver` or of Ray's log levels; every line removed from the console
+still goes to its log file):
+
+- Ray, WARNING "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out":
+  Ray 2.60 turns token authentication on for a new local cluster when RAY_AUTH_MODE is unset, and says so. For
+  the Ray we start we set RAY_AUTH_MODE=token ourselves (the same mode, now chosen; Ray does not warn about an
+  explicit mode). A user's own RAY_AUTH_MODE wins.
+- Ray Train, a 28-line traceback from `PlacementGroupCleaner` ("Found multiple active Ray instances" or "Timed
+  out waiting for GCS"): the cleaner asks the state API whether the controller is alive without an address, so
+  Ray looks for a cluster in $RAY_ADDRESS, then /tmp/ray/ray_current_cluster (written only by `ray start`),
+  then by listing every gcs_server process on the machine; with two Rays on the machine (another run, a test
+  session) it cannot choose and the monitor thread dies. We start the dashboard (which serves the state API)
+  on a port we pick and export RAY_API_SERVER_ADDRESS=http://127.0.0.1:PORT before `ray.init`, so the raylet
+  and every worker, the cleaner included, ask our own cluster.
+- Ray core, ERROR "Actor with class name: 'PreemptionWatcher' ... has constructor arguments in the object store
+  and max_restarts > 0": Ray Train 2.60 starts a watcher for spot-node preemption (max_restarts=-1, the worker
+  handles as arguments). A local Ray is one node that cannot be preempted: RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0
+  (one actor process fewer at start, too). On a cluster ($RAY_ADDRESS) the watcher stays.
+- the same line for "MapWorker(MapBatches(_TokenizeActor))": Ray Data puts the map function in the object
+  store and gives its actors max_restarts=-1 by default. On a one-node Ray a tokenizer actor that dies has
+  nowhere else to go (an OOM kill would repeat); `pipeline.data.prepare` passes max_restarts=0 there (a killed
+  prepare resumes from its committed shards on the next command), and keeps Ray Data's default on a cluster.
+- Ray Data, WARNING "Progress bars disabled. To enable, set ...", and INFO "Starting execution of Dataset ...",
+  "Execution plan of Dataset ...", "... execution finished in N seconds": we turn the progress bars off on
+  purpose (our `[tst] data:` line reports the prepare). RAY_DATA_LOGGING_CONFIG (Ray Data's documented logging
+  config) points at `ray_data_logging.yaml` beside this file: Ray Data's own default config with the console
+  handler at WARNING and that one notice dropped; ray-data.log in the session's logs keeps every line.
+- MLflow, INFO "Creating initial MLflow database tables..." / "Updating database tables" (first use of a new
+  SQLite store): the `mlflow.store.db.utils` logger at WARNING.
+- Tune, "To visualize your results with TensorBoard, run: `tensorboard --logdir ...`" and its results table:
+  Tune adds a TensorBoard logger by default (and prints where to point TensorBoard, which is not installed)
+  and its progress reporter prints a table at start even at verbose=0. `tune.search` passes Tune's CSV and JSON
+  loggers itself with TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1 (no TensorBoard logger) and our own console lines
+  replace the reporter (RAY_AIR_NEW_OUTPUT=0: the legacy reporter, silent at verbose=0).
+
+Kept on purpose: Ray's INFO "Started a local Ray instance. View the dashboard at ..." (where the dashboard is),
+and every WARNING or ERROR that is not one of the above.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+RAY_DATA_LOGGING_YAML = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ray_data_logging.yaml")
+
+# Ray Data notices that only describe a choice we made on purpose (see the module docstring).
+_DROPPED_RAY_DATA_NOTICES = ("Progress bars disabled",)
+
+
+class DropRayDataNotices(logging.Filter):
+    """Ray Data console filter (named in ray_data_logging.yaml): Ray Data's hidden records, as its own
+    `HiddenRecordFilter`, and the notices above."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "hide", False):
+            return False
+        msg = record.getMessage()
+        return not any(msg.startswith(n) for n in _DROPPED_RAY_DATA_NOTICES)
+
+
+def console_defaults() -> None:
+    """Process-wide settings for the `tst` command, before anything imports Ray or MLflow. Each is a default:
+    a value the user set in the environment wins."""
+    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", RAY_DATA_LOGGING_YAML)
+    if not os.environ.get("RAY_ADDRESS"):  # a local Ray, if one starts: token auth, as Ray's default, but chosen
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+
+
+def free_port() -> int:
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+    finally:
+        s.close()
+
+
+_SET_BY_US: dict[str, str] = {}
+
+
+def local_ray_env(dashboard_port: int) -> dict[str, str]:
+    """Environment for a local Ray we are about to start (the raylet and every worker inherit the driver's
+    environment at `ray.init`); the user's own values win. Returns what was set."""
+    wanted = {
+        "RAY_AUTH_MODE": "token",
+        "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}",
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+        "RAY_DATA_LOGGING_CONFIG": RAY_DATA_LOGGING_YAML,
+    }
+    set_now = {}
+    for k, v in wanted.items():
+        if k not in os.environ or os.environ[k] == _SET_BY_US.get(k):  # ours from an earlier ray.init: renew
+            os.environ[k] = _SET_BY_US[k] = set_now[k] = v
+    if "RAY_AUTH_MODE" in set_now:
+        _refresh_ray_config()
+    if "RAY_DATA_LOGGING_CONFIG" in set_now:
+        _reconfigure_ray_data_logging()
+    return set_now
+
+
+def _refresh_ray_config() -> None:
+    """Ray caches its config (RAY_AUTH_MODE among it) when imported; re-read it, as Ray itself does when it turns
+    token auth on by default (`authentication_token_setup._enable_token_auth`)."""
+    try:
+        from ray._raylet import Config
+
+        Config.initialize("")
+    except Exception:  # noqa: BLE001 - then ray.init sees the mode it read at import
+        pass
+
+
+def _reconfigure_ray_data_logging() -> None:
+    """Ray Data reads RAY_DATA_LOGGING_CONFIG when `ray.data` is imported; if it already was in this process,
+    apply the config again (a private function of Ray Data: when it moves, only the driver's console is louder)."""
+    import sys
+
+    if "ray.data" not in sys.modules:
+        return
+    try:
+        from ray.data._internal.logging import configure_logging
+
+        configure_logging()
+    except Exception:  # noqa: BLE001
+        pass
