@@ -333,3 +333,27 @@ def test_upload_excludes_are_rays_own_matching():
     out = subprocess.run([sys.executable, "-m", "pipeline.job", "--tracking-uri", "sqlite:////tmp/m.db"], cwd=REPO,
                          capture_output=True, text=True, check=True).stdout
     assert json.loads(out)["env_vars"]["MLFLOW_TRACKING_URI"] == "sqlite:////tmp/m.db"
+
+
+def test_no_node_is_open_to_the_internet():
+    """AWS: every node type names its security group, so Ray's bootstrap never creates its default one (whose SSH
+    rule is 0.0.0.0/0), and only the head is in a public subnet. GCP: only the head has an external IP."""
+    import copy
+
+    import yaml
+    from ray.autoscaler._private.aws.config import _configure_security_group
+
+    aws = yaml.safe_load(open(os.path.join(REPO, "cluster.yaml")))
+    types = aws["available_node_types"]
+    assert all(t["node_config"].get("SecurityGroupIds") for t in types.values())
+    before = copy.deepcopy(aws)
+    assert _configure_security_group(aws) == before  # returns early: nothing to create, no AWS call
+    public = [n for n, t in types.items() if any("PUBLIC" in x for x in t["node_config"].get("SubnetIds", []))]
+    assert public == [aws["head_node_type"]]
+    gcp = yaml.safe_load(open(os.path.join(REPO, "cluster-gcp.yaml")))
+    for name, t in gcp["available_node_types"].items():
+        nics = t["node_config"].get("networkInterfaces")
+        if name == gcp["head_node_type"]:
+            assert "tst-head" in t["node_config"]["tags"]["items"]
+        else:
+            assert nics and all("accessConfigs" not in nic for nic in nics), name

@@ -113,3 +113,11 @@ def test_store_on_s3_prepared_by_ray_equals_a_local_store(ray_session, bucket, t
         assert torch.equal(remote.step_windows(t, 0, 1), local.step_windows(t, 0, 1))
     st = remote.store
     assert 0 < st.requests <= 2 * cfg.train.steps and st.bytes_read > 0
+    # the credentials reached the read tasks, but not through their runtime_env (readable by the state API)
+    from ray.util.state import list_tasks
+
+    here = ray_session.get_runtime_context().gcs_address  # this session's Ray (others may run on the machine)
+    envs = [str(t.runtime_env_info) for t in list_tasks(address=here, detail=True, raise_on_missing_output=False,
+                                                        limit=10000)]
+    assert any("AWS_ENDPOINT_URL" in e for e in envs)  # the read tasks' plain settings do travel there
+    assert not any("AWS_SECRET_ACCESS_KEY" in e or "AWS_ACCESS_KEY_ID" in e for e in envs)

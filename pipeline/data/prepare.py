@@ -175,9 +175,26 @@ def _local_batches(p: _Pass, data_cfg, tok, start, batch_docs: int) -> Iterator[
         yield files, recs, kinds, bad, nul, lengths, flat
 
 
-def _read_task(batch: dict, data_cfg_dict: dict, held_out: bool, start, stop, batch_docs: int = 1024):
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+def _split_env() -> tuple[dict, dict]:
+    """The driver's storage settings for the read tasks: (plain, secret). Plain ones (endpoint, region, profile)
+    travel in the tasks' runtime_env; secret ones never do (a runtime_env is readable by anyone with the
+    cluster's state API): they go through the object store and are set in the task's process only."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    return ({k: v for k, v in env.items() if k not in SECRET_ENV}, {k: v for k, v in env.items() if k in SECRET_ENV})
+
+
+def _read_task(batch: dict, data_cfg_dict: dict, held_out: bool, start, stop, batch_docs: int = 1024,
+               secrets=None):
     """Ray Data read stage (one task per file): the rows of that file, in order, with their text."""
     from pipeline.config import DataConfig
+
+    if secrets is not None:  # an ObjectRef of the driver's credentials (see _split_env)
+        import ray
+
+        os.environ.update(ray.get(secrets))
 
     data_cfg = DataConfig(**data_cfg_dict)
     for fi, uri, fmt, size, mtime in zip(batch["file_idx"], batch["uri"], batch["fmt"], batch["size"], batch["mtime"]):
@@ -247,11 +264,12 @@ def _ray_batches(p: _Pass, data_cfg, tok, start, batch_docs: int) -> Iterator[tu
     if not items:
         return
     res = dict(data_cfg.actor_resources or {}) or None
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env, secret = _split_env()
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(_read_task, batch_size=1, batch_format="numpy", num_cpus=data_cfg.read_cpus, resources=res,
                         fn_kwargs={"data_cfg_dict": dataclasses.asdict(data_cfg), "held_out": p.held_out,
-                                   "start": list(start), "stop": p.stop, "batch_docs": batch_docs},
+                                   "start": list(start), "stop": p.stop, "batch_docs": batch_docs,
+                                   "secrets": ray.put(secret) if secret else None},
                         runtime_env={"env_vars": env} if env else None)
     threads = max(1, int(round(data_cfg.tokenize_actor_cpus)))
     ds = ds.map_batches(_TokenizeActor, fn_constructor_args=(tok.path, tok.eos_token, threads),
