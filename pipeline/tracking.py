@@ -5,8 +5,11 @@ Decisions:
   `./mlruns` folder store without MLFLOW_ALLOW_FILE_STORE). `run.tracking_uri` or $MLFLOW_TRACKING_URI points
   it at a server instead.
 - Unreachable at start: `check_reachable()` raises a one-line TrackingError before any worker starts.
-- Lost mid-run: `log_metrics` warns once, keeps training; metrics stay in metrics.jsonl and are back-filled
-  by `flush_pending()` when the server answers again or at the end.
+- Lost mid-run: `log_metrics` never blocks: it queues the record (bounded: MAX_PENDING records, the oldest
+  dropped beyond, since metrics.jsonl holds them all) and a daemon thread sends it. A lost server is one warning;
+  the queue is sent when it answers again, and `backfill()` sends what metrics.jsonl has and MLflow lacks at the
+  end. MLflow's own HTTP retries (7 with back-off, 120 s timeouts by default) are cut to MLFLOW_HTTP_REQUEST_*
+  defaults below unless the user set them, and closing waits at most `end(timeout_s)`.
 """
 
 from __future__ import annotations
@@ -132,6 +135,11 @@ def model_params(cfg, vocab_size: Optional[int]) -> dict[str, Any]:
     return {f"model.{k}": v for k, v in dataclasses.asdict(m).items()}
 
 
+MAX_PENDING = 10_000
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
 class MlflowTracker:
     """One MLflow run. Created on the driver; `run_id` can be handed to another process to reopen it."""
 
@@ -140,10 +148,19 @@ class MlflowTracker:
         import mlflow
         from mlflow.tracking import MlflowClient
 
+        import threading
+
+        for k, v in HTTP_DEFAULTS.items():  # a dead server costs seconds, not minutes of retries
+            os.environ.setdefault(k, v)
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         self.pending: list[tuple[dict, int]] = []
+        self.dropped = 0
         self._warned = False
+        self._lock = threading.Lock()  # guards pending
+        self._send_lock = threading.Lock()  # one sender at a time (the thread or a flush)
+        self._wake = threading.Event()
+        self._sender: Optional[threading.Thread] = None
         if run_id is None:
             exp_id = ensure_experiment(self.client, experiment, uri)
             tags = {"mlflow.runName": run_name, "tst.run_name": run_name}
@@ -183,31 +200,59 @@ class MlflowTracker:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        """Queue one step's metrics and return at once; the sender thread delivers them."""
         clean = {k: float(v) for k, v in metrics.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step" and v == v}
-        self.pending.append((clean, step))
-        self.flush_pending()
+        with self._lock:
+            self.pending.append((clean, step))
+            if len(self.pending) > MAX_PENDING:  # metrics.jsonl keeps it; backfill() sends it at the end
+                self.pending.pop(0)
+                self.dropped += 1
+        if self._sender is None or not self._sender.is_alive():
+            import threading
 
-    def flush_pending(self) -> bool:
-        """Send buffered metrics; on failure keep them and warn once (training goes on)."""
+            self._sender = threading.Thread(target=self._send_loop, name="tst-mlflow-sender", daemon=True)
+            self._sender.start()
+        self._wake.set()
+
+    def _send_loop(self) -> None:
+        while True:
+            self._wake.wait(timeout=10.0)  # woken by a new record; retried every 10 s while the server is away
+            self._wake.clear()
+            self.flush_pending()
+
+    def flush_pending(self, timeout_s: Optional[float] = None) -> bool:
+        """Send queued metrics now (True when none are left); on failure keep them and warn once. With
+        `timeout_s`, give up waiting for the sender after that long (False)."""
         import time
 
         from mlflow.entities import Metric
 
-        while self.pending:
-            clean, step = self.pending[0]
-            ts = int(time.time() * 1000)
-            try:
-                self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v in clean.items()])
-            except Exception as e:  # server gone: keep the record, retry later
-                if not self._warned:
-                    warnings.warn(f"MLflow at {self.uri} stopped answering ({type(e).__name__}); metrics are kept "
-                                  f"in metrics.jsonl and will be sent when it is back", stacklevel=2)
-                    self._warned = True
-                return False
-            self.pending.pop(0)
-        self._warned = False
-        return True
+        if not self._send_lock.acquire(timeout=-1 if timeout_s is None else timeout_s):
+            return False
+        try:
+            while True:
+                with self._lock:
+                    if not self.pending:
+                        break
+                    clean, step = self.pending[0]
+                ts = int(time.time() * 1000)
+                try:
+                    self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v in clean.items()])
+                except Exception as e:  # server gone: keep the record, retry later
+                    if not self._warned:
+                        warnings.warn(f"MLflow at {self.uri} stopped answering ({type(e).__name__}); training goes "
+                                      f"on, metrics are kept in metrics.jsonl and sent when it is back",
+                                      stacklevel=2)
+                        self._warned = True
+                    return False
+                with self._lock:
+                    if self.pending and self.pending[0][1] == step and self.pending[0][0] is clean:
+                        self.pending.pop(0)
+            self._warned = False
+            return True
+        finally:
+            self._send_lock.release()
 
     def backfill(self, history: list[dict]) -> int:
         """Send the metrics.jsonl records that MLflow never received (server lost mid-run, or records written by
@@ -216,12 +261,15 @@ class MlflowTracker:
             logged = {m.step for m in self.client.get_metric_history(self.run_id, "train_loss")}
         except Exception:
             return 0
+        with self._lock:
+            logged |= {step for _, step in self.pending}  # queued already
         sent = 0
         for rec in history:
             if rec.get("kind") == "final" or "train_loss" not in rec or rec["step"] in logged:
                 continue
             self.log_metrics(rec, step=int(rec["step"]))
             sent += 1
+        self.flush_pending(timeout_s=60.0)  # the end of a run: deliver now (bounded) rather than in the background
         return sent
 
     def log_artifact(self, path: str, artifact_path: Optional[str] = None) -> None:
@@ -236,9 +284,9 @@ class MlflowTracker:
         except Exception as e:
             warnings.warn(f"could not log {name} to MLflow: {e}", stacklevel=2)
 
-    def end(self, status: str = "FINISHED") -> None:
+    def end(self, status: str = "FINISHED", timeout_s: float = 60.0) -> None:
         try:
-            self.flush_pending()
+            self.flush_pending(timeout_s=timeout_s)
             self.client.set_terminated(self.run_id, status=status)
         except Exception as e:
             warnings.warn(f"could not close MLflow run {self.run_id}: {e}", stacklevel=2)

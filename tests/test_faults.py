@@ -245,3 +245,34 @@ def test_a_checkpoint_of_a_newer_format_is_refused(shared_out, tmp_path):
         json.dump(man, f)
     with pytest.raises(ConfigError, match="has format 3, this tst reads up to 2"):
         run_local(cfg, str(tmp_path))
+
+
+# -- tracking never stalls training ---------------------------------------------------------------------------------
+def test_a_hung_tracking_server_never_blocks_logging_and_closing_is_bounded(tmp_path, monkeypatch):
+    """A server that accepts connections and never answers (the worst case: no error to react to)."""
+    import socket
+    import threading
+    import warnings
+
+    from pipeline.tracking import MlflowTracker
+
+    for k in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"):
+        monkeypatch.delenv(k, raising=False)
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)
+    held = []
+    threading.Thread(target=lambda: [held.append(srv.accept()) for _ in range(64)], daemon=True).start()
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")  # one request: 1 s, not MLflow's 120 s default
+    tracker = MlflowTracker(f"http://127.0.0.1:{srv.getsockname()[1]}", "", "", run_id="0" * 32)
+    t0 = time.perf_counter()
+    for step in range(200):
+        tracker.log_metrics({"train_loss": 1.0 / (step + 1)}, step=step)
+    assert time.perf_counter() - t0 < 0.5  # 200 records queued while the server hangs
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tracker.end("FINISHED", timeout_s=3.0)
+    assert time.perf_counter() - t0 < 30
+    assert len(tracker.pending) == 200  # nothing lost: still queued (and in metrics.jsonl for backfill)
+    srv.close()
