@@ -588,6 +588,8 @@ def test_export_moe_matches_transformers_logits_and_greedy_tokens(trained_moe, c
     assert len(hf_new) > 0
     for src in (trained_moe["ckpt"], str(out)):
         assert generate_text(src, prompt, max_new_tokens=20, temperature=0, device="cpu")[2] == hf_new, src
+        printed = cli("generate", src, prompt, "--greedy", "--max-new-tokens", "20", "--ids", "--device", "cpu")
+        assert [int(t) for t in printed.split()] == hf_new, src  # `tst generate`, the CLI path
 
 
 def test_10b_a1b_recipe():
