@@ -472,4 +472,7 @@ def _cmd_generate(args) -> int:
         print(" ".join(map(str, new)))
     else:
         sys.stdout.write(args.prompt + text + "\n")
+    if not args.no_stop and len(new) < args.max_new_tokens:  # the model ended the document (EOS, not printed)
+        print(f"[tst] stopped at the end-of-text token after {len(new)} of --max-new-tokens {args.max_new_tokens} "
+              f"(--no-stop to keep sampling past it)", file=sys.stderr)
     return 0

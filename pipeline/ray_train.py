@@ -231,7 +231,8 @@ def ensure_ray(cfg) -> None:
     """Connect to the cluster in $RAY_ADDRESS, or start a local Ray sized for this machine.
 
     The 2-core trap (stack notes): `ray.init()` on 2 cores reports 2 CPUs and 1-CPU train workers then starve
-    Ray Data. Locally we start Ray with max(4, cores) logical CPUs and the workers ask for fractional CPUs.
+    Ray Data. Locally we start Ray with max(4, cores) logical CPUs, so the trainer's CPUs (one 1-CPU worker in
+    recipes/tiny.yaml) leave room for the Ray Data tasks and actors.
     """
     import ray
 

@@ -108,11 +108,15 @@ def cmd_demo(args) -> int:
     corpus_tokens = _corpus_tokens(runs["baseline"]) or 1
     print("\n=== demo result (equal FLOPs per step: same model, steps and latent positions per step) ===")
     print(f"corpus: {base.data.source}, {corpus_tokens:,} training tokens")
-    print(f"{'run':<10} {'s':>3} {'r':>5} {'final val loss':>15} {'raw tokens':>12} {'passes':>7} {'wall':>7}")
+    print(f"{'run':<10} {'s':>3} {'r':>5} {'final val loss':>15} {'raw tokens':>12} {'passes':>7} {'train':>7} "
+          f"{'wall':>7}")
     for label, s, r in (("baseline", 1, 0.0), ("tst", args.bag_size, args.switch_fraction)):
         m = runs[label]
         print(f"{label:<10} {s:>3} {r:>5} {m['final_val_loss']:>15.4f} {m['raw_tokens']:>12,} "
-              f"{m['raw_tokens'] / corpus_tokens:>7.2f} {m['wall_s']:>6.0f}s")
+              f"{m['raw_tokens'] / corpus_tokens:>7.2f} {m.get('elapsed_s') or 0:>6.0f}s {m['wall_s']:>6.0f}s")
+    print("train: the training loop's clock, first step to last with evaluations and checkpoints (what `tst compare` "
+          "calls wall-clock); wall: launching the workers to the summary (adds Ray Train's start-up, building the "
+          "model and closing the MLflow run).")
     diff = runs["baseline"]["final_val_loss"] - runs["tst"]["final_val_loss"]
     verdict = "TST lower" if diff > 0 else "baseline lower"
     print(f"equal-step difference (baseline - TST): {diff:+.4f} nats ({verdict}). At this tiny scale the paper "

@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -272,10 +273,13 @@ def _ray_batches(p: _Pass, data_cfg, tok, start, batch_docs: int) -> Iterator[tu
                                    "secrets": ray.put(secret) if secret else None},
                         runtime_env={"env_vars": env} if env else None)
     threads = max(1, int(round(data_cfg.tokenize_actor_cpus)))
-    ds = ds.map_batches(_TokenizeActor, fn_constructor_args=(tok.path, tok.eos_token, threads),
-                        batch_size=data_cfg.tokenize_batch_size, batch_format="numpy",
-                        compute=ActorPoolStrategy(size=max(1, data_cfg.num_tokenize_actors)),
-                        num_cpus=data_cfg.tokenize_actor_cpus, resources=res, **_actor_restarts())
+    with warnings.catch_warnings():  # max_restarts has no named parameter yet: Ray Data 2.60's own advice
+        # (actor_pool_map_operator: "map_batches(..., max_restarts=0) to disable") is the deprecated **ray_remote_args
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = ds.map_batches(_TokenizeActor, fn_constructor_args=(tok.path, tok.eos_token, threads),
+                            batch_size=data_cfg.tokenize_batch_size, batch_format="numpy",
+                            compute=ActorPoolStrategy(size=max(1, data_cfg.num_tokenize_actors)),
+                            num_cpus=data_cfg.tokenize_actor_cpus, resources=res, **_actor_restarts())
     for tbl in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4):
         ids = tbl.column("ids").combine_chunks()
         flat = ids.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)

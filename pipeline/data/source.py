@@ -19,8 +19,6 @@ from typing import Optional
 from pipeline.data import store as S
 from pipeline.data.files import list_files
 from pipeline.data.plan import StreamPlan
-from pipeline.data.batch import Component, StoreSource
-from pipeline.data.reader import TokenStore
 from pipeline.errors import DataError
 
 log = logging.getLogger("tst.data")
@@ -198,6 +196,7 @@ def build_source(cfg, output_dir: str = "outputs", mode: str = "local", tokenize
     parts = source_configs(d)
     if d.batch_layout == "stream" and len(parts) > 1:
         raise DataError("data.sources (a mixture) needs data.batch_layout=lanes")
+    from pipeline.data.batch import Component, StoreSource  # torch: imported when a run needs it, not to check inputs
     from pipeline.tokenizer import load_tokenizer
 
     tok = tokenizer or load_tokenizer(d, output_dir)
