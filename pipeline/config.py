@@ -347,31 +347,24 @@ def validate(cfg: Config) -> None:
     if t.dtype not in ("auto", "float32", "bfloat16"):
         raise ConfigError(f"train.dtype must be auto, float32 or bfloat16, got {t.dtype!r}")
     world = max(1, s.num_workers)
-    if t.global_batch_size % world:
-        raise ConfigError(
-            f"train.global_batch_size={t.global_batch_size} is not divisible by scaling.num_workers={world}; "
-            f"pick a batch that is a multiple of the worker count"
-        )
-    if s.min_workers is not None:
-        if not 1 <= s.min_workers <= s.num_workers:
-            raise ConfigError(f"scaling.min_workers must be in [1, num_workers], got {s.min_workers}")
-        for w in range(s.min_workers, s.num_workers + 1):
-            if t.global_batch_size % w:
-                raise ConfigError(
-                    f"elastic training between {s.min_workers} and {s.num_workers} workers needs "
-                    f"train.global_batch_size divisible by every worker count; {t.global_batch_size} % {w} != 0"
-                )
-            if t.micro_batch_size and (t.global_batch_size // w) % t.micro_batch_size:
-                raise ConfigError(
-                    f"train.micro_batch_size={t.micro_batch_size} must divide the per-worker batch at every "
-                    f"elastic worker count; with {w} workers it is {t.global_batch_size // w}"
-                )
-    per_rank = t.global_batch_size // world
-    if t.micro_batch_size is not None and (t.micro_batch_size < 1 or per_rank % t.micro_batch_size):
-        raise ConfigError(
-            f"train.micro_batch_size={t.micro_batch_size} must divide the per-worker batch {per_rank} "
-            f"(global_batch_size / num_workers)"
-        )
+    if s.min_workers is not None and not 1 <= s.min_workers <= s.num_workers:
+        raise ConfigError(f"scaling.min_workers must be in [1, num_workers], got {s.min_workers}")
+    if t.micro_batch_size is not None and t.micro_batch_size < 1:
+        raise ConfigError(f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
+    # Any worker count works (rows are split as evenly as B allows; the loss uses global counts), as long as every
+    # rank has a row for each of the step's micro-batches, at every elastic size.
+    for w in range(s.min_workers or world, world + 1):
+        if t.global_batch_size < w:
+            raise ConfigError(f"train.global_batch_size={t.global_batch_size} is smaller than {w} workers; every "
+                              f"worker needs at least one row")
+        small, large = t.global_batch_size // w, -(-t.global_batch_size // w)
+        micro = t.micro_batch_size or large
+        n_micro = -(-large // micro)
+        if small <= (n_micro - 1) * micro:
+            raise ConfigError(
+                f"with {w} workers the per-worker batch is {small}-{large} rows, {n_micro} micro-batches of "
+                f"train.micro_batch_size={micro}: a worker would run an empty micro-batch; pick a micro_batch_size "
+                f"that divides the per-worker batch, or unset it")
     if t.warmup_steps < 0 or not 0.0 <= t.decay_fraction <= 1.0:
         raise ConfigError("train.warmup_steps must be >= 0 and train.decay_fraction in [0, 1]")
     m = cfg.model

@@ -154,8 +154,13 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, self.model)
         self.state = RunState()
         self.peak_flops = peak_flops_for(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
-        self.per_rank = t.global_batch_size // self.world_size
+        # Rows per rank: B/W, or uneven when W does not divide B (plan.rank_rows); every rank runs the same number
+        # of micro-batches (n_micro, from the largest share), so collectives line up; validate() ensures even the
+        # smallest share fills every micro-batch with at least one row.
+        self.first_row = self.rank * t.global_batch_size // self.world_size
+        self.per_rank = -(-t.global_batch_size // self.world_size)  # the largest share
         self.micro = t.micro_batch_size or self.per_rank
+        self.n_micro = -(-self.per_rank // self.micro)
         self.moe = bool(self.model_cfg.num_experts)  # MoE: aux loss and expert load per logging interval
         self.moe_step: Optional[dict] = None  # the last step's {"aux", "z", "counts" (n_moe, E) global}
         self._moe_interval: list[dict] = []  # moe_step of every step since the last log
@@ -284,7 +289,7 @@ class Trainer:
         weights = self.cfg.train.loss_weights
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
         moe_kw, moe_sums, step_counts = {}, None, None
-        n_micro = inputs.shape[0] // self.micro
+        n_micro = self.n_micro  # the same on every rank; this rank's last micro-batch may be shorter
         if self.moe:  # the aux loss over the global batch, like slot_counts (pipeline/moe.py)
             moe_kw = dict(router_counts_reduce=_all_reduce, router_tokens=float(self.cfg.train.global_batch_size * L))
             moe_sums = [torch.zeros((), device=self.device), torch.zeros((), device=self.device), 0.0]  # aux, z, counts
@@ -343,7 +348,7 @@ class Trainer:
             if got_step != step:
                 raise RuntimeError(f"data source out of order: expected step {step}, got {got_step}")
             s = self.bag_size_at(step)
-            _maybe_record_digests(step, windows, self.rank * self.per_rank)
+            _maybe_record_digests(step, windows, self.first_row)
             _maybe_inject_failure(step, self.rank)
             loss, gnorm = self.train_step(step, windows)
             if self.moe_step is not None:

@@ -276,3 +276,57 @@ def test_a_hung_tracking_server_never_blocks_logging_and_closing_is_bounded(tmp_
     assert time.perf_counter() - t0 < 30
     assert len(tracker.pending) == 200  # nothing lost: still queued (and in metrics.jsonl for backfill)
     srv.close()
+
+
+# -- the elastic batch rule: any worker count, uneven shards --------------------------------------------------------
+def test_validate_accepts_any_worker_count_that_gives_every_rank_its_micro_batches():
+    from pipeline.config import Config, apply_overrides, validate
+
+    ok = apply_overrides(Config(), ["train.global_batch_size=512", "scaling.num_workers=512", "scaling.min_workers=32"])
+    validate(ok)  # was: 512 divisible by every count in 32..512
+    validate(apply_overrides(Config(), ["train.global_batch_size=10", "scaling.num_workers=3",
+                                        "train.micro_batch_size=2"]))  # shares 3,3,4: 2 micro-batches each
+    with pytest.raises(ConfigError, match="smaller than 5 workers"):
+        validate(apply_overrides(Config(), ["train.global_batch_size=4", "scaling.num_workers=5"]))
+    with pytest.raises(ConfigError, match="empty micro-batch"):  # shares 2 and 3 with micro 1: 3 vs 2 micro-batches
+        validate(apply_overrides(Config(), ["train.global_batch_size=5", "scaling.num_workers=2",
+                                            "train.micro_batch_size=1"]))
+
+
+def test_uneven_shards_partition_the_global_batch_in_order(shared_out):
+    from pipeline.data import build_source
+    from pipeline.tokenizer import load_tokenizer
+
+    cfg = make_cfg(shared_out, "train.global_batch_size=10", "data.bag_size=3", "train.switch_fraction=0.5")
+    tok = load_tokenizer(cfg.data, cfg.run.output_dir)
+    src = build_source(cfg, cfg.run.output_dir, mode="local", tokenizer=tok)
+    for step in (0, 7):
+        whole = src.step_windows(step, 0, 1)
+        for W in (3, 4, 7):
+            parts = [src.step_windows(step, r, W) for r in range(W)]
+            assert sorted(len(p) for p in parts)[0] == 10 // W and max(len(p) for p in parts) == -(-10 // W)
+            assert torch.equal(torch.cat(parts), whole), (step, W)
+
+
+def test_three_workers_on_a_batch_of_four_match_the_one_process_run(shared_out, tmp_path, ray_session):
+    """Uneven shards (rows 0, 1, 2-3 on ranks 0, 1, 2): the loss uses global per-slot counts, so the step is the
+    same as one process's, up to float reduction order."""
+    from pipeline.metrics import JsonlWriter
+    from pipeline.runner import run_training
+
+    out = str(tmp_path)
+    _copy_cache(shared_out, out)
+    cfg = make_cfg(shared_out, "train.steps=2", "train.checkpoint_every=2", f"run.output_dir={out}",
+                   "data.bag_size=4", "train.switch_fraction=0.5", "scaling.num_workers=3",
+                   "scaling.cpus_per_worker=0.25")
+    plain = run_training(cfg, use_ray=False, name="plain", console=False)
+    three = run_training(cfg, use_ray=True, name="three", console=False)
+    assert three["world_size"] == 3 and plain["world_size"] == 1
+    lp = {r["step"]: r["train_loss"] for r in JsonlWriter(os.path.join(out, "runs", "plain", "metrics.jsonl")).read()
+          if "train_loss" in r}
+    l3 = {r["step"]: r["train_loss"] for r in JsonlWriter(os.path.join(out, "runs", "three", "metrics.jsonl")).read()
+          if "train_loss" in r}
+    assert lp.keys() == l3.keys() == {1, 2}
+    for k in lp:
+        assert l3[k] == pytest.approx(lp[k], rel=1e-5)
+    assert three["final_val_loss"] == pytest.approx(plain["final_val_loss"], rel=1e-5)

@@ -170,7 +170,7 @@ class StoreSource:
         return out
 
     def step_windows(self, step: int, rank: int = 0, world_size: int = 1):
-        """This rank's rows of `step`: (B/W, s_t*L + s_t) int64 (and doc ids in mask mode)."""
+        """This rank's rows of `step` (plan.rank_rows): (hi - lo, s_t*L + s_t) int64 (and doc ids in mask mode)."""
         self.plan._check_rank(rank, world_size)
         self._ensure_layout()
         s = self.plan.bag_size_at(step)
@@ -195,11 +195,11 @@ class StoreSource:
                 return w
             dseg = dparts[0] if len(dparts) == 1 else torch.cat(dparts)
             return w, cut_windows(dseg, count, stride, length)
-        per = self.plan.global_batch_size // world_size
+        lo, hi = self.plan.rank_rows(rank, world_size)
         for st in self.stores:
-            st.keep_blocks(2 * per + 2)  # one read-ahead block per lane of this rank (object stores)
+            st.keep_blocks(2 * (hi - lo) + 2)  # one read-ahead block per lane of this rank (object stores)
         rows, drows = [], []
-        for b in range(rank * per, (rank + 1) * per):
+        for b in range(lo, hi):
             i, e, pieces = self.row_pieces(step, b)
             t, d = self._read(i, e, pieces)
             rows.append(t)

@@ -2,7 +2,8 @@
 
 Step t reads the global batch of B windows starting at offset o = raw_tokens_before(t) (docs/interfaces.md):
 window k is stream[o + k*s_t*L : o + k*s_t*L + s_t*L + s_t] (s_t = s in superposition, 1 in recovery), so the same
-stream serves both phases and the switch needs no restart. Rank w of W gets windows [w*B/W, (w+1)*B/W). The data
+stream serves both phases and the switch needs no restart. Rank w of W gets windows [floor(w*B/W), floor((w+1)*B/W))
+(uneven when W does not divide B). The data
 position of a checkpoint is therefore the step alone, and a resume with any worker count is exact and O(1).
 Imports nothing but the standard library (and tst_ops.schedule).
 """
@@ -85,12 +86,18 @@ class StreamPlan:
         o = self.offset(step)
         return o, o + self.global_batch_size * s * self.seq_len + s
 
+    def rank_rows(self, rank: int, world_size: int) -> tuple[int, int]:
+        """[lo, hi) rows of the global batch that rank `rank` of `world_size` trains on: contiguous, as even as B and
+        W allow (B % W ranks get one row more). Uneven is fine: the loss is normalised by global per-slot counts."""
+        self._check_rank(rank, world_size)
+        B = self.global_batch_size
+        return rank * B // world_size, (rank + 1) * B // world_size
+
     def rank_span(self, step: int, rank: int, world_size: int) -> tuple[int, int, int]:
         """(start offset, windows, window stride) of this rank's share of `step`."""
-        self._check_rank(rank, world_size)
+        lo, hi = self.rank_rows(rank, world_size)
         s = self.bag_size_at(step)
-        per = self.global_batch_size // world_size
-        return self.offset(step) + rank * per * s * self.seq_len, per, s * self.seq_len
+        return self.offset(step) + lo * s * self.seq_len, hi - lo, s * self.seq_len
 
     def tokens_needed(self) -> int:
         """Stream tokens the whole run reads (up to the last window's tail)."""
@@ -105,8 +112,6 @@ class StreamPlan:
     def _check_rank(self, rank: int, world_size: int) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is not in a world of {world_size} workers")
-        if self.global_batch_size % world_size:
-            raise DataError(
-                f"train.global_batch_size={self.global_batch_size} is not divisible by {world_size} workers; "
-                f"pick a batch that is a multiple of the worker count"
-            )
+        if world_size > self.global_batch_size:
+            raise DataError(f"{world_size} workers need train.global_batch_size >= {world_size} (one row each), got "
+                            f"{self.global_batch_size}")
