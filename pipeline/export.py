@@ -266,6 +266,14 @@ def _parse_size(s) -> int:
     return int(s)
 
 
+def _umask_mode(path: str) -> None:
+    """safetensors writes its files 0600 (a private temp file renamed); an export is for others to load: give it
+    the mode any new file gets here (0644 under the usual umask 022), like the JSON files beside it."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def write_safetensors(hf_sd: dict[str, torch.Tensor], out_dir: str, max_shard_size="5GB", metadata=None) -> list[str]:
     """model.safetensors, or HF-style shards + model.safetensors.index.json when over max_shard_size bytes."""
     from safetensors.torch import save_file
@@ -284,11 +292,13 @@ def write_safetensors(hf_sd: dict[str, torch.Tensor], out_dir: str, max_shard_si
     shards.append(cur)
     if len(shards) == 1:
         save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata=metadata)
+        _umask_mode(os.path.join(out_dir, "model.safetensors"))
         return ["model.safetensors"]
     names, weight_map, total = [], {}, 0
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, os.path.join(out_dir, fname), metadata=metadata)
+        _umask_mode(os.path.join(out_dir, fname))
         names.append(fname)
         for k, t in shard.items():
             weight_map[k] = fname

@@ -124,3 +124,19 @@ def test_successful_ray_train_console_is_quiet(tmp_path, ray_session):
     assert not bad, "\n".join(bad[:40])
     assert "[tst] done: s1-T6-tiny-" in console
     assert len(re.findall(r"step 6/6 ", console)) == 1  # rank 0's last progress line, once
+
+
+def test_export_files_are_readable_like_any_new_file(tmp_path):
+    """safetensors writes 0600; an export gets the mode of every other new file (0644 under umask 022)."""
+    import stat
+
+    from pipeline.cli import main
+
+    out = str(tmp_path / "out")
+    assert main(["train", "--no-ray", *TINY, "run.tracking=false", f"run.output_dir={out}", "--name", "x"]) == 0
+    assert main(["export", os.path.join(out, "runs", "x"), str(tmp_path / "exp")]) == 0
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in os.listdir(tmp_path / "exp"):
+        mode = stat.S_IMODE(os.stat(tmp_path / "exp" / name).st_mode)
+        assert mode == 0o666 & ~mask, (name, oct(mode))
