@@ -36,6 +36,12 @@ still goes to its log file):
   loggers itself with TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1 (no TensorBoard logger) and our own console lines
   replace the reporter (RAY_AIR_NEW_OUTPUT=0: the legacy reporter, silent at verbose=0).
 
+- Ray Train, every line a worker prints (rank 0's "[tst] resumed from ..." among them) shown twice: Ray Train
+  2.60 patches `print` in its processes to log each call through the root logger as well, and the worker's
+  stdout reaches the driver too. RAY_TRAIN_ENABLE_PRINT_PATCH=0 (a variable Ray Train propagates from the
+  driver to its controller and workers; set by `ray_train_env` before every fit, on a cluster too): a print is
+  one line again (measured: 2 copies with the patch, 1 without).
+
 Kept on purpose: Ray's INFO "Started a local Ray instance. View the dashboard at ..." (where the dashboard is),
 and every WARNING or ERROR that is not one of the above.
 """
@@ -128,3 +134,8 @@ def _reconfigure_ray_data_logging() -> None:
         configure_logging()
     except Exception:  # noqa: BLE001
         pass
+
+
+def ray_train_env() -> None:
+    """Before a TorchTrainer starts (the driver's value is propagated to the controller and the workers)."""
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")

@@ -198,6 +198,9 @@ def build_trainer(cfg, *, source, vocab_size: int, tokenizer_json: Optional[str]
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pipeline.quiet import ray_train_env
+
+    ray_train_env()  # a worker's print is one console line, not two (pipeline/quiet.py)
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker, **(sc.worker_resources or {})}
     if sc.use_gpu:
