@@ -338,5 +338,7 @@ def print_summary(summary: dict) -> None:
         f"{summary.get('wall_s', 0):.0f}s" if isinstance(v, (int, float)) else f"[tst] done: {summary}",
         flush=True)
     if summary.get("mlflow_run_id"):
+        from pipeline.tracking import mlflow_command
+
         print(f"[tst] MLflow: run {summary['mlflow_run_id']} in {summary.get('tracking_uri')} — browse with "
-              f"`mlflow ui --backend-store-uri {summary.get('tracking_uri')}`", flush=True)
+              f"`{mlflow_command()} ui --backend-store-uri {summary.get('tracking_uri')}`", flush=True)

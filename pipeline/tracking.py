@@ -46,6 +46,19 @@ def default_artifact_location(uri: str) -> Optional[str]:
     return None
 
 
+def mlflow_command() -> str:
+    """How to type `mlflow` in the user's shell: plain `mlflow` when it is this environment's, else its path
+    (a fresh shell after the quick start has no venv on PATH)."""
+    import shutil
+
+    mine = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    found = shutil.which("mlflow")
+    if found and os.path.realpath(found) == os.path.realpath(mine):
+        return "mlflow"
+    rel = os.path.relpath(mine)
+    return rel if not rel.startswith("..") else mine
+
+
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast, with the fix, when an http(s) tracking server does not answer."""
     if not uri.startswith(("http://", "https://")):

@@ -121,5 +121,7 @@ def cmd_demo(args) -> int:
     verdict = "TST lower" if diff > 0 else "baseline lower"
     print(f"equal-step difference (baseline - TST): {diff:+.4f} nats ({verdict}). At this tiny scale the paper "
           f"promises nothing; see README 'Results' for what we measured.")
-    print("Browse both runs: mlflow ui --backend-store-uri " + str(runs["tst"].get("tracking_uri", "")))
+    from pipeline.tracking import mlflow_command
+
+    print(f"Browse both runs: {mlflow_command()} ui --backend-store-uri {runs['tst'].get('tracking_uri', '')}")
     return 0

@@ -754,8 +754,10 @@ def run_search(spec: SearchSpec, *, cli_overrides: Optional[list] = None, consol
             print(f"[tune] interrupted: resume with `tst tune --resume {name} --output-dir {base.run.output_dir}` "
                   f"(finished trials are not rerun)", flush=True)
         if tracker is not None:
+            from pipeline.tracking import mlflow_command
+
             print(f"[tune] MLflow: parent run {parent_id} in {base.run.tracking_uri} "
-                  f"(`mlflow ui --backend-store-uri {base.run.tracking_uri}`); artifacts in {exp_dir}", flush=True)
+                  f"(`{mlflow_command()} ui --backend-store-uri {base.run.tracking_uri}`); artifacts in {exp_dir}", flush=True)
     return SearchOutcome(name, exp_dir, base.run.tracking_uri if base.run.tracking else None, parent_id, rows,
                          summary, interrupted, restoring)
 
