@@ -329,6 +329,16 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return float(loss), float(grad_norm)
 
+    def _stop_requested(self) -> bool:
+        """Has a stop been asked for (SIGTERM of the driver: a spot notice, `kill`)? Every rank must agree on the
+        step, so rank 0's answer is all-reduced (one scalar per step)."""
+        ask = getattr(self.reporter, "stop_requested", None)
+        mine = bool(ask()) if (ask is not None and self.rank == 0) else False
+        if not self.distributed:
+            return mine
+        flag = torch.tensor([1.0 if mine else 0.0], device=self.device)
+        return float(_all_reduce(flag, dist.ReduceOp.MAX)) > 0
+
     # -- the run --------------------------------------------------------------------------------------------
     def run(self) -> dict:
         self._t_start = time.perf_counter()
@@ -367,7 +377,9 @@ class Trainer:
             is_last = done == self.T
             do_eval = done % t.eval_every == 0 or is_switch or is_last
             do_log = done % t.log_every == 0 or do_eval
-            do_ckpt = done % t.checkpoint_every == 0 or is_switch or is_last
+            stop = self._stop_requested() and not is_last  # a preemption notice: checkpoint here and leave
+            do_ckpt = done % t.checkpoint_every == 0 or is_switch or is_last or stop
+            do_log = do_log or stop
             metrics = None
             if do_eval:
                 val_loss = self.evaluate()
@@ -380,6 +392,12 @@ class Trainer:
             elif do_log:
                 self.reporter.report(metrics, None, done)
             step = done
+            if stop:
+                status = "stopped"
+                if self.rank == 0:
+                    print(f"[tst] stop requested (SIGTERM): checkpoint written at step {done}/{self.T}; resume "
+                          f"with `tst train --resume <run>`", flush=True)
+                break
         if hasattr(it, "close"):
             it.close()
         if val_loss is None and status == "finished":  # resumed at the end: no step ran, the loss is still known
@@ -516,10 +534,16 @@ def _resolved_config(cfg: Config, model_cfg) -> dict:
     return d
 
 
+STOP = {"requested": False}  # set by the Ray-free driver's SIGTERM handler (pipeline/runner.py)
+
+
 class LocalReporter:
     """Ray-free reporting: metrics straight to a MetricsSink, checkpoints published atomically on disk."""
 
     is_chief = True
+
+    def stop_requested(self) -> bool:
+        return STOP["requested"]
 
     def __init__(self, run_dir: str, sink, keep: int = 3, resume: bool = True):
         from pipeline.checkpoint import LocalCheckpointManager

@@ -26,12 +26,31 @@ from ray.train import UserCallback
 class RayReporter:
     """A rank's reporting under Ray Train (see `pipeline.loop.Reporter`)."""
 
-    def __init__(self):
+    def __init__(self, stop_flag=None):
         import ray.train
 
+        self.stop_flag = stop_flag  # the driver's StopFlag actor (None: no stop requests)
+        self._stop_polled, self._stopped = 0.0, False
         self.ctx = ray.train.get_context()
         self.rank = self.ctx.get_world_rank()
         self.is_chief = self.rank == 0
+
+    def stop_requested(self) -> bool:
+        """Rank 0 asks the driver's StopFlag actor, at most once a second (the loop all-reduces the answer)."""
+        import time
+
+        if self.stop_flag is None:
+            return False
+        now = time.monotonic()
+        if now - self._stop_polled >= 1.0:
+            import ray
+
+            self._stop_polled = now
+            try:
+                self._stopped = self._stopped or bool(ray.get(self.stop_flag.get.remote(), timeout=5))
+            except Exception:  # noqa: BLE001 - the driver is gone: nothing to stop for; Ray ends the run anyway
+                pass
+        return self._stopped
 
     def staging_dir(self, step: int) -> str:
         from pipeline.checkpoint import staging_dir
@@ -124,8 +143,8 @@ def train_worker(config: dict) -> None:
             with open(tmp, "w") as f:
                 f.write(config["tokenizer_json"])
             os.replace(tmp, tok_path)
-    train(cfg, config["source"], RayReporter(), vocab_size=config["vocab_size"], device=device,
-          tokenizer_path=tok_path)
+    train(cfg, config["source"], RayReporter(config.get("stop_flag")), vocab_size=config["vocab_size"],
+          device=device, tokenizer_path=tok_path)
 
 
 def _quiet_report_logs() -> None:
@@ -186,6 +205,24 @@ class MetricsCallback(UserCallback):
                   f" — restarting from the last checkpoint if failures remain", flush=True)
 
 
+def stop_flag_actor():
+    """A tiny actor the driver sets on SIGTERM and rank 0 polls (pipeline.loop: checkpoint, then leave)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class StopFlag:
+        def __init__(self):
+            self.value = False
+
+        def set(self):
+            self.value = True
+
+        def get(self):
+            return self.value
+
+    return StopFlag.remote()
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else ""
@@ -193,7 +230,7 @@ def _first_line(exc: BaseException) -> str:
 
 def build_trainer(cfg, *, source, vocab_size: int, tokenizer_json: Optional[str], run_name: str, run_dir: str,
                   storage_path: str, tracking_uri: Optional[str], mlflow_run_id: Optional[str],
-                  extra_callbacks: Optional[list] = None, console: bool = True):
+                  extra_callbacks: Optional[list] = None, console: bool = True, stop_flag=None):
     """A `TorchTrainer` for the config (no fit)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -222,7 +259,7 @@ def build_trainer(cfg, *, source, vocab_size: int, tokenizer_json: Optional[str]
     return TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg.to_dict(), "source": source, "vocab_size": vocab_size,
-                           "tokenizer_json": tokenizer_json,
+                           "tokenizer_json": tokenizer_json, "stop_flag": stop_flag,
                            "env": {k: v for k, v in os.environ.items() if k.startswith("TST_")}},
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         scaling_config=scaling,

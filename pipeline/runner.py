@@ -7,6 +7,7 @@ folder), `summary.json` and `loss_curve.png`. The MLflow store defaults to `<out
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -181,12 +182,18 @@ def run_training(cfg: Config, *, use_ray: bool = True, name: Optional[str] = Non
 
     t0 = time.perf_counter()
     status = "FAILED"
+    stop_flag = None
+    if use_ray:
+        from pipeline.ray_train import stop_flag_actor
+
+        stop_flag = stop_flag_actor()
     try:
-        if use_ray:
-            summary = _fit_ray(cfg, paths, source, tok, tracker, console, extra_callbacks)
-        else:
-            summary = _fit_local(cfg, paths, source, tok, tracker, console, on_metrics)
-        status = "FINISHED" if summary.get("status") == "finished" else "FAILED"
+        with _sigterm_stops(stop_flag, console):
+            if use_ray:
+                summary = _fit_ray(cfg, paths, source, tok, tracker, console, extra_callbacks, stop_flag)
+            else:
+                summary = _fit_local(cfg, paths, source, tok, tracker, console, on_metrics)
+        status = {"finished": "FINISHED", "stopped": "KILLED"}.get(summary.get("status"), "FAILED")
     finally:
         _close_source(source)
         if tracker is not None:
@@ -220,7 +227,37 @@ def _fit_local(cfg, paths, source, tok, tracker, console, on_metrics=None) -> di
     return train(cfg, source, reporter, vocab_size=tok.vocab_size, device=device, tokenizer_path=tok.path)
 
 
-def _fit_ray(cfg, paths, source, tok, tracker, console, extra_callbacks) -> dict:
+@contextlib.contextmanager
+def _sigterm_stops(stop_flag, console: bool):
+    """While training, SIGTERM (a spot preemption notice, `kill`, Ray's job stop) asks the run to write a
+    checkpoint at the end of the current step and leave cleanly (status "stopped"; `--resume` continues). Only
+    the main thread can install a handler: elsewhere (a Tune trial's thread) the signal keeps its default."""
+    import signal
+    import threading
+
+    from pipeline import loop
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        loop.STOP["requested"] = True
+        if stop_flag is not None:
+            stop_flag.set.remote()
+        if console:
+            print("[tst] SIGTERM: stopping after this step's checkpoint", flush=True)
+
+    loop.STOP["requested"] = False
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        loop.STOP["requested"] = False
+
+
+def _fit_ray(cfg, paths, source, tok, tracker, console, extra_callbacks, stop_flag=None) -> dict:
     from pipeline.ray_train import build_trainer
 
     with open(tok.path) as f:
@@ -229,7 +266,7 @@ def _fit_ray(cfg, paths, source, tok, tracker, console, extra_callbacks) -> dict
         cfg, source=source, vocab_size=tok.vocab_size, tokenizer_json=tok_json, run_name=paths.name,
         run_dir=paths.run_dir, storage_path=paths.storage_path,
         tracking_uri=tracker.uri if tracker else None, mlflow_run_id=tracker.run_id if tracker else None,
-        extra_callbacks=extra_callbacks, console=console)
+        extra_callbacks=extra_callbacks, console=console, stop_flag=stop_flag)
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors; surface the root cause in one line
@@ -331,6 +368,10 @@ def _log_redacted_config(tracker, cfg: Config) -> None:
 
 def print_summary(summary: dict) -> None:
     v = summary.get("final_val_loss")
+    if summary.get("status") == "stopped":
+        print(f"[tst] stopped: {summary.get('run_name')} at step {summary.get('step')} (checkpoint written); "
+              f"continue with `tst train --resume {summary.get('run_name')}`", flush=True)
+        return
     print(
         f"[tst] done: {summary.get('run_name')} | steps {summary.get('step')} | final val loss "
         f"{v:.4f} | raw tokens {summary.get('raw_tokens', 0):,}"
