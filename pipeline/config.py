@@ -147,6 +147,9 @@ class ScalingConfig:
     worker_resources: dict = field(default_factory=dict)  # e.g. {"train_node": 0.001} to target node types
     elastic_resize_interval_s: float = 60.0  # elastic runs: seconds between checks for capacity to grow back
     max_failures: int = 3  # worker failures Ray Train restarts from the last checkpoint before giving up
+    # seconds a collective waits for a rank that stopped answering (SIGSTOP, a frozen node) before the others fail
+    # and Ray restarts the group from the last checkpoint (Ray's default is 1800)
+    collective_timeout_s: int = 600
     ray_num_cpus: Optional[int] = None  # logical CPUs for a local ray.init(); None: max(4, real cores)
 
 

@@ -261,7 +261,7 @@ def build_trainer(cfg, *, source, vocab_size: int, tokenizer_json: Optional[str]
         train_loop_config={"cfg": cfg.to_dict(), "source": source, "vocab_size": vocab_size,
                            "tokenizer_json": tokenizer_json, "stop_flag": stop_flag,
                            "env": {k: v for k, v in os.environ.items() if k.startswith("TST_")}},
-        torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo", timeout_s=sc.collective_timeout_s),
         scaling_config=scaling,
         run_config=run_config,
     )
