@@ -23,8 +23,8 @@ earlier attempt, is first renamed aside, never deleted before the new one is in 
 staging folders under `<tmp>/tst-staging/` that a later process removes if their writer died.
 
 Trust: `.metadata` and the optimizer state are unpickled by DCP when loaded, so loading a checkpoint can run code
-that its author put there. Load only checkpoints you (or your cluster) wrote. `tst export` and `tst generate`
-read model tensors only, through DCP's tensor reader, but DCP's `.metadata` is still a pickle.
+that its author put there. Load only checkpoints you (or your cluster) wrote. The weights-only path is an export
+(`tst export`: safetensors), which `tst generate` and transformers read without unpickling anything.
 """
 
 from __future__ import annotations
