@@ -503,7 +503,8 @@ def read_digests(folder: str) -> dict[int, dict[int, str]]:
 def _maybe_inject_failure(step: int, rank: int) -> None:
     """Fault injection for failure-recovery tests and drills: TST_INJECT_FAILURE="STEP:RANK:MODE:MARKER" makes
     rank RANK fail before step STEP, once (the MARKER file records that it happened). MODE "raise" raises an
-    error in the worker; "kill" SIGKILLs the worker process, as a preempted node would; "fatal" raises a DataError
+    error in the worker; "kill" SIGKILLs the worker process, as a preempted node would; "stop" SIGSTOPs it (a hung
+    rank: the others wait in a collective until scaling.collective_timeout_s); "fatal" raises a DataError
     at every attempt (a deterministic error, which must end the run once, not be retried)."""
     spec = os.environ.get("TST_INJECT_FAILURE")
     if not spec:
@@ -519,10 +520,10 @@ def _maybe_inject_failure(step: int, rank: int) -> None:
         return
     with open(marker, "w") as f:
         f.write(f"failed at step {step} on rank {rank}\n")
-    if mode == "kill":
+    if mode in ("kill", "stop"):
         import signal
 
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL if mode == "kill" else signal.SIGSTOP)  # stop: a hung rank
     raise RuntimeError(f"injected failure at step {step} on rank {rank} (TST_INJECT_FAILURE)")
 
 

@@ -394,3 +394,23 @@ def test_two_runs_of_one_config_are_bit_identical(shared_out, tmp_path):
     (la, va, sa), (lb, vb, sb) = runs
     assert la == lb and va == vb and len(la) == 10
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_stopped_worker_is_detected_by_the_collective_timeout_and_the_run_recovers(shared_out, tmp_path,
+                                                                                     ray_session, monkeypatch):
+    """SIGSTOP of a rank (a hang, not a death): the other rank's collective times out after
+    scaling.collective_timeout_s, Ray restarts the group from the last checkpoint, the run finishes."""
+    from pipeline.metrics import JsonlWriter
+    from pipeline.runner import run_training
+
+    out = str(tmp_path)
+    _copy_cache(shared_out, out)
+    marker = str(tmp_path / "stopped")
+    monkeypatch.setenv("TST_INJECT_FAILURE", f"6:1:stop:{marker}")
+    cfg = make_cfg(shared_out, f"run.output_dir={out}", "scaling.collective_timeout_s=15")
+    t0 = time.perf_counter()
+    summary = run_training(cfg, use_ray=True, name="hung", console=False)
+    assert os.path.exists(marker) and summary["step"] == 10 and summary["status"] == "finished"
+    recs = [r for r in JsonlWriter(os.path.join(out, "runs", "hung", "metrics.jsonl")).read() if "train_loss" in r]
+    assert [r["step"] for r in recs].count(5) == 2  # steps 5.. redone after the restart from step 4
+    assert time.perf_counter() - t0 < 600

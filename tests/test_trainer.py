@@ -238,9 +238,10 @@ def test_ray_worker_killed_recovers_and_n_to_m_resume(shared_out, tmp_path, ray_
 
 def test_ray_n_to_m_resume_reads_exactly_the_uninterrupted_windows(shared_out, tmp_path, ray_session, monkeypatch):
     """On the default data path (token store, every rank reading its own windows): an uninterrupted 2-worker run,
-    and 2-worker runs that die at step 6 (no retries left) and are started again by name with 1 and with 3
-    workers (Ray Train resumes from the step-4 checkpoint, DCP reshards). Per-step digests of the windows the
-    workers actually trained on are identical in all three, and the losses continue those of the plain loop."""
+    and a 2-worker run that dies at step 6 (no retries left) and is started again by name with 3 workers (Ray
+    Train resumes from the step-4 checkpoint, DCP reshards; 2 -> 1 is covered by tests/test_elastic.py and
+    tests/test_moe.py). Per-step digests of the windows the workers actually trained on are identical in both, and
+    the losses continue those of the plain loop."""
     from pipeline.loop import read_digests
     from pipeline.runner import run_training
 
@@ -251,7 +252,7 @@ def test_ray_n_to_m_resume_reads_exactly_the_uninterrupted_windows(shared_out, t
     monkeypatch.setenv("TST_WINDOW_DIGESTS", str(tmp_path / "dg-ref"))
     run_training(make_cfg(shared_out, *over), use_ray=True, name="ref", console=False)
     digests["ref"] = read_digests(str(tmp_path / "dg-ref"))
-    for m in (1, 3):
+    for m in (3,):
         monkeypatch.setenv("TST_WINDOW_DIGESTS", str(tmp_path / f"dg-{m}"))
         monkeypatch.setenv("TST_INJECT_FAILURE", f"6:0:raise:{tmp_path / f'failed{m}'}")
         with pytest.raises(Exception, match="injected failure"):
@@ -272,12 +273,12 @@ def test_ray_n_to_m_resume_reads_exactly_the_uninterrupted_windows(shared_out, t
     ref = digests["ref"]
     assert sorted(ref) == list(range(10)) and all(sorted(r) == list(range(6)) for r in ref.values())
     assert len({d for r in ref.values() for d in r.values()}) == 60  # 60 distinct windows, none read twice
-    for m in (1, 3):
+    for m in (3,):
         assert digests[m] == ref, f"resumed with {m} worker(s): the windows differ from the uninterrupted run"
     monkeypatch.delenv("TST_WINDOW_DIGESTS")
     _, plain, _ = run_local(make_cfg(shared_out, *over), str(tmp_path / "plain"))
     want = losses(plain)
-    for m in (1, 3):
+    for m in (3,):
         for step in range(5, 11):
             assert digests[f"loss{m}"][step] == pytest.approx(want[step], rel=1e-4), (m, step)
 
