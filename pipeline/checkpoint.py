@@ -93,13 +93,9 @@ def _file_record(path: str) -> dict:
 
 
 def _sha256(path: str) -> str:
-    import hashlib
+    from pipeline.data.store import file_sha256
 
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_sha256(path)
 
 
 def rng_state() -> dict:
