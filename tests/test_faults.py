@@ -349,36 +349,81 @@ def _wait_for_step(metrics: str, step: int, proc, timeout: float = 300) -> None:
     raise AssertionError(f"step {step} never logged; output: {proc.communicate()[0][-2000:]}")
 
 
-def test_sigterm_writes_a_checkpoint_and_exits_cleanly_and_resume_continues_exactly(shared_out, tmp_path):
-    import signal
-
-    from pipeline.metrics import JsonlWriter
-
-    out = str(tmp_path)
+@pytest.fixture(scope="module")
+def cli_reference(shared_out, tmp_path_factory):
+    """An uninterrupted 120-step Ray-free `tst train` (the reference of the driver-fault tests)."""
+    out = str(tmp_path_factory.mktemp("cli"))
     _copy_cache(shared_out, out)
     over = [o for o in BASE if not o.startswith(("train.steps", "train.checkpoint_every", "scaling."))]
-    over += ["train.steps=120", "train.checkpoint_every=1000", "train.threads=1", f"run.output_dir={out}"]
+    over += ["train.steps=120", "train.checkpoint_every=10", "train.threads=1", f"run.output_dir={out}"]
     ref = _tst("train", "--no-ray", "--name", "ref", *over)
     assert ref.wait(timeout=600) == 0, ref.communicate()[0][-2000:]
+    return out, over
+
+
+def _losses_and_weights(run_dir):
+    from pipeline.checkpoint import LocalCheckpointManager, load_model_state
+    from pipeline.metrics import JsonlWriter
+
+    recs = [r for r in JsonlWriter(os.path.join(run_dir, "metrics.jsonl")).read() if "train_loss" in r]
+    sd, _ = load_model_state(LocalCheckpointManager(run_dir).latest())
+    return [(r["step"], r["train_loss"]) for r in recs], sd
+
+
+def _same_run(run_dir, ref_dir, redone=()):
+    got, sd = _losses_and_weights(run_dir)
+    want, ref_sd = _losses_and_weights(ref_dir)
+    assert dict(got) == dict(want)  # every step's loss bit-identical to the uninterrupted run
+    assert sorted(s for s, _ in got) == sorted([s for s, _ in want] + list(redone))  # no step lost
+    assert all(torch.equal(sd[k], ref_sd[k]) for k in ref_sd)
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly_and_resume_continues_exactly(cli_reference):
+    import signal
+
+    out, over = cli_reference
     proc = _tst("train", "--no-ray", "--name", "term", *over)
-    metrics = os.path.join(out, "runs", "term", "metrics.jsonl")
-    _wait_for_step(metrics, 5, proc)
+    run_dir = os.path.join(out, "runs", "term")
+    _wait_for_step(os.path.join(run_dir, "metrics.jsonl"), 5, proc)
     proc.send_signal(signal.SIGTERM)
     text = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, text[-2000:]
     assert "Traceback" not in text and "stopped: term at step" in text
-    summary = json.load(open(os.path.join(out, "runs", "term", "summary.json")))
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
     stopped_at = summary["step"]
     assert summary["status"] == "stopped" and 5 <= stopped_at < 120
-    assert os.path.isdir(os.path.join(out, "runs", "term", "checkpoints", f"step_{stopped_at:08d}"))
-    again = _tst("train", "--resume", os.path.join(out, "runs", "term"), "--no-ray")
+    assert os.path.isdir(os.path.join(run_dir, "checkpoints", f"step_{stopped_at:08d}"))
+    again = _tst("train", "--resume", run_dir, "--no-ray")
     text = again.communicate(timeout=600)[0]
     assert again.returncode == 0, text[-2000:]
-    got = {r["step"]: r["train_loss"] for r in JsonlWriter(metrics).read() if "train_loss" in r}
-    want = {r["step"]: r["train_loss"] for r in JsonlWriter(os.path.join(out, "runs", "ref", "metrics.jsonl")).read()
-            if "train_loss" in r}
-    assert got == want  # every step once, bit-identical to the uninterrupted run
-    assert json.load(open(os.path.join(out, "runs", "term", "summary.json")))["status"] == "finished"
+    _same_run(run_dir, os.path.join(out, "runs", "ref"))
+    assert json.load(open(os.path.join(run_dir, "summary.json")))["status"] == "finished"
+
+
+def test_driver_killed_during_a_checkpoint_write_resumes_exactly(cli_reference):
+    """SIGKILL 25 ms into writing step 30's checkpoint: the half-written staging folder is never read; the resume
+    continues from step 20 and redoes steps 21-30 (at most one checkpoint interval), bit-identical."""
+    import signal
+
+    out, over = cli_reference
+    proc = _tst("train", "--no-ray", "--name", "ckill", *over)
+    run_dir = os.path.join(out, "runs", "ckill")
+    staging = os.path.join(run_dir, "checkpoints", ".tmp-step_00000030")
+    t0 = time.time()
+    while not os.path.exists(staging):
+        assert proc.poll() is None and time.time() - t0 < 300, "the run ended before the checkpoint at step 30"
+        time.sleep(0.002)
+    time.sleep(0.025)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    again = _tst("train", "--resume", run_dir, "--no-ray")
+    text = again.communicate(timeout=600)[0]
+    assert again.returncode == 0, text[-2000:]
+    got, _ = _losses_and_weights(run_dir)
+    redone = [s for s, _ in got if [x for x, _ in got].count(s) > 1]
+    assert 0 < len(set(redone)) <= 10  # <= the checkpoint interval
+    _same_run(run_dir, os.path.join(out, "runs", "ref"), redone=sorted(set(redone)))
+    assert not [n for n in os.listdir(os.path.join(run_dir, "checkpoints")) if n.startswith((".tmp-", ".old-"))]
 
 
 def test_two_runs_of_one_config_are_bit_identical(shared_out, tmp_path):
