@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The CPU MoE comparison of docs/results.md (issue 16), in one command.
 
-    python bench/moe_compare.py --run        # trains the 4 runs one after another (~40-60 min on 2 shared cores)
+    python bench/moe_compare.py --run        # trains the 4 runs one after another (~90 min on 2 shared, loaded cores)
     python bench/moe_compare.py              # the table and docs/moe_cpu.png from the runs' metrics.jsonl
 
 Runs (all from recipes/tiny.yaml on builtin:wiki: T = 400 steps of 16 x 128 latent positions, lr 1e-3 (the tiny
