@@ -19,9 +19,10 @@ def _cmd_generate(args) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "export",
-        help="write a checkpoint as a Hugging Face Llama folder (safetensors, config, tokenizer)",
+        help="write a checkpoint as a Hugging Face folder: Llama (dense) or Qwen3-MoE (safetensors, config, tokenizer)",
         description="Gather a (FSDP-sharded) checkpoint and write model.safetensors, config.json "
-        "(LlamaForCausalLM), generation_config.json and the tokenizer, loadable with from_pretrained.",
+        "(LlamaForCausalLM for the dense presets, Qwen3MoeForCausalLM for the MoE ones), generation_config.json and "
+        "the tokenizer, loadable with from_pretrained.",
     )
     p.add_argument("checkpoint", help="checkpoint folder (with meta.json), or a run folder: its latest checkpoint")
     p.add_argument("out_dir")
