@@ -81,17 +81,14 @@ def prepare_data(cfg: Config, output_dir: str, mode: str, wait: str = "complete"
 def check_held_out(cfg: Config, source) -> None:
     """What only the data can tell, right after prepare and before any training: is there a held-out window?"""
     from pipeline.errors import DataError
+    from pipeline.loop import _split_doc_ids
 
-    if len(_split_first(source.val_windows())) == 0:
+    if len(_split_doc_ids(source.val_windows())[0]) == 0:
         d = cfg.data
         where = (f"data.val_source={d.val_source!r}" if d.val_source else
                  f"data.val_fraction={d.val_fraction} of the corpus's documents")
         raise DataError(f"no held-out window to evaluate on: {where} gave fewer than seq_len+1 = {d.seq_len + 1} "
                         f"tokens; raise data.val_fraction, set data.val_source, or add documents")
-
-
-def _split_first(v):
-    return v[0] if isinstance(v, tuple) else v
 
 
 def check_store_reachable(cfg: Config, source) -> None:
