@@ -91,23 +91,14 @@ class Watch:
         return next((w for w, r in self.arrivals if w > t and "train_loss" in r), None)
 
 
-def digests(folder):
-    """[(step, row, digest)] of every window consumed, each attempt of a redone step included."""
-    out = []
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        with open(os.path.join(folder, name)) as f:
-            for line in f:
-                rec = json.loads(line)
-                out += [(rec["step"], int(k), v) for k, v in rec["rows"].items()]
-    return out
+def windows(folder):
+    """{(step, row): digest} of the run's surviving trajectory, from the digests the workers wrote
+    (pipeline.loop.read_digests: a row a redone step read differently is "conflict", so it counts as lost)."""
+    from pipeline.loop import read_digests
 
-
-def effective(consumed):
-    """The windows of the run's surviving trajectory: each (step, row)'s last consumption."""
-    last = {}
-    for step, row, d in consumed:
-        last[(step, row)] = d
-    return last
+    if not os.path.isdir(folder):
+        return {}
+    return {(step, row): d for step, rows in read_digests(folder).items() for row, d in rows.items()}
 
 
 def run_case(case, seed, out, ref):
@@ -197,7 +188,7 @@ def run_case(case, seed, out, ref):
     recs = [r for r in JsonlWriter(os.path.join(run_dir, "metrics.jsonl")).read() if "train_loss" in r]
     steps = [r["step"] for r in recs]
     losses = {r["step"]: r["train_loss"] for r in recs}
-    run_eff, ref_eff = effective(digests(dg)), ref["windows"]
+    run_eff, ref_eff = windows(dg), ref["windows"]
     lost = sum(1 for key, d in ref_eff.items() if run_eff.get(key) != d)
     ref_count, run_count = {}, {}
     for d in ref_eff.values():
@@ -277,7 +268,7 @@ def reference(out):
                        log=log).wait() == 0, "the reference run failed"
     recs = [r for r in JsonlWriter(os.path.join(run_dir, "metrics.jsonl")).read() if "train_loss" in r]
     sd, _ = load_model_state(os.path.join(run_dir, f"step_{T:08d}"))
-    return {"losses": {r["step"]: r["train_loss"] for r in recs}, "windows": effective(digests(dg)), "weights": sd}
+    return {"losses": {r["step"]: r["train_loss"] for r in recs}, "windows": windows(dg), "weights": sd}
 
 
 def main(argv=None):
