@@ -74,11 +74,15 @@ def _mce_rows_kernel(
             tl.store(z_row + cols, g.to(z_ptr.dtype.element_ty), mask=cmask)
 
 
-def mce_rows_inplace(z: torch.Tensor, t: torch.Tensor, a: torch.Tensor, need_grad: bool) -> torch.Tensor:
+def mce_rows_inplace(
+    z: torch.Tensor, t: torch.Tensor, a: torch.Tensor, need_grad: bool, block_v: int | None = None
+) -> torch.Tensor:
     """Row losses (C,) float32 of a logits chunk ``z`` (C, V); with ``need_grad`` z is overwritten by dz.
 
     ``t`` (C, s) safe int64 targets (ignored slots point anywhere valid with coefficient 0), ``a`` (C, s)
-    coefficients from ``loss.slot_coefficients``.
+    coefficients from ``loss.slot_coefficients``. ``block_v``: vocabulary columns per block, a power of two
+    (default ``min(8192, next_power_of_2(V))``); the tests pass small blocks so that a small vocabulary spans
+    several blocks and the online log-sum-exp rescale runs.
     """
     if z.stride(1) != 1:
         raise ValueError("logits chunk must be contiguous along the vocabulary")
@@ -87,7 +91,10 @@ def mce_rows_inplace(z: torch.Tensor, t: torch.Tensor, a: torch.Tensor, need_gra
     t = t.contiguous()
     a = a.to(torch.float32).contiguous()
     loss = torch.empty(C, dtype=torch.float32, device=z.device)
-    block_v = min(8192, triton.next_power_of_2(V))
+    if block_v is None:
+        block_v = min(8192, triton.next_power_of_2(V))
+    elif block_v < 1 or block_v & (block_v - 1):
+        raise ValueError(f"block_v must be a power of two, got {block_v}")
     _mce_rows_kernel[(C,)](
         z,
         z.stride(0),
