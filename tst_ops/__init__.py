@@ -2,7 +2,8 @@
 
 No Ray, no FSDP, no config: bags and next-bag targets (``bags.py``), the multi-hot cross-entropy reference
 (``loss.py``), its fused, chunked LM-head version (``fused.py``, with a Triton kernel on CUDA in
-``triton_kernels.py``, imported lazily) and the phase / learning-rate schedule (``schedule.py``).
+``triton_kernels.py``, imported lazily) and the phase / learning-rate schedule (``schedule.py``). ``bench.py``
+(not imported here) measures the fused loss against the reference; ``bench/ops.py`` is its command line.
 Imports nothing but torch and the standard library.
 """
 
