@@ -93,8 +93,8 @@ class Watch:
 
 def windows(folder):
     """{(step, row): digest} of the run's surviving trajectory, from the digests the workers wrote
-    (pipeline.loop.read_digests: a row a redone step read differently is "conflict", so it counts as lost)."""
-    from pipeline.loop import read_digests
+    (pipeline.train.loop.read_digests: a row a redone step read differently is "conflict", so it counts as lost)."""
+    from pipeline.train.loop import read_digests
 
     if not os.path.isdir(folder):
         return {}
@@ -102,8 +102,8 @@ def windows(folder):
 
 
 def run_case(case, seed, out, ref):
-    from pipeline.checkpoint import load_model_state
-    from pipeline.metrics import JsonlWriter
+    from pipeline.train.checkpoint import load_model_state
+    from pipeline.train.metrics import JsonlWriter
 
     rng = random.Random(f"{case}-{seed}")
     k = rng.randint(8, T - 10)
@@ -211,7 +211,7 @@ def run_case(case, seed, out, ref):
 
 def staging_left():
     root = os.path.join(tempfile.gettempdir(), "tst-staging")
-    from pipeline.checkpoint import sweep_staging
+    from pipeline.train.checkpoint import sweep_staging
 
     if os.path.isdir(root):
         sweep_staging(root)  # what a next run would remove; anything left belongs to a live process
@@ -255,8 +255,8 @@ def mlflow_state(uri, name):
 
 
 def reference(out):
-    from pipeline.checkpoint import load_model_state
-    from pipeline.metrics import JsonlWriter
+    from pipeline.train.checkpoint import load_model_state
+    from pipeline.train.metrics import JsonlWriter
 
     name, dg = "reference", os.path.join(out, "digests", "reference")
     run_dir = os.path.join(out, "runs", name)

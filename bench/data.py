@@ -34,7 +34,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_corpus(out_dir: str, mb: float, shards: int) -> tuple[list[str], int]:
-    from pipeline.corpus import builtin_documents
+    from pipeline.data.corpus import builtin_documents
 
     docs, total = [], 0
     pool = [t for name in ("wiki", "bible", "pydoc") for t in builtin_documents(name)]
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     cores = os.cpu_count() or 1
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     from pipeline.config import Config, apply_overrides
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.data.tokenizer import load_tokenizer
 
     tmp = args.keep or tempfile.mkdtemp(prefix="tst-bench-data-")
     os.makedirs(tmp, exist_ok=True)

@@ -4,14 +4,14 @@
 Run on one NVIDIA GPU with nothing but Python 3.11+, PyTorch (>= 2.11) and Triton (no Ray, MLflow, yaml,
 tokenizers, numpy or network needed at run time); it finishes in under 5 minutes on one H200 (``--max-minutes``,
 default 4.5, skips whatever would run late and records it as skipped). It uses the project's own code paths:
-``tst_ops`` (fused linear + multi-hot CE, bag embedding), ``pipeline.model`` presets, and the Ray-free training
-loop ``pipeline.loop.Trainer`` with FSDP2 (one rank), bf16 mixed precision and ``torch.compile`` from
-``pipeline.parallel``; figures come from the loop's own metrics (``pipeline.metrics``) and the comparison from
+``tst_ops`` (fused linear + multi-hot CE, bag embedding), ``pipeline.model.transformer`` presets, and the Ray-free training
+loop ``pipeline.train.loop.Trainer`` with FSDP2 (one rank), bf16 mixed precision and ``torch.compile`` from
+``pipeline.train.parallel``; figures come from the loop's own metrics (``pipeline.train.metrics``) and the comparison from
 ``pipeline.compare``.
 
     # once, on a CPU machine with the project installed: the corpus tokenized into a token store (about 15 MB for
     # the 24 MB build_corpus folder with GPT-2 ids; carry the printed store folder, under 64 MiB, to the GPU machine)
-    python -c "from pipeline.corpus import build_corpus; build_corpus('outputs/gpu_check/corpus', target_mb=90)"
+    python -c "from pipeline.data.corpus import build_corpus; build_corpus('outputs/gpu_check/corpus', target_mb=90)"
     tst data prepare --no-ray data.source=outputs/gpu_check/corpus data.tokenizer=gpt2 data.store=outputs/gpu_check/stores
     # on the GPU machine (bench/gpu_check.sh is the same command):
     python bench/gpu_check.py --data outputs/gpu_check/stores/<id> --out outputs/gpu_check/h200
@@ -294,7 +294,7 @@ def section_env(ctx: dict) -> dict:
         p = torch.cuda.get_device_properties(dev)
         out.update(gpu_name=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1),
                    capability=f"{p.major}.{p.minor}", gpu_count=torch.cuda.device_count())
-        from pipeline.metrics import peak_flops_for
+        from pipeline.train.metrics import peak_flops_for
 
         out["datasheet_bf16_peak_tflops"] = (peak_flops_for(p.name) or float("nan")) / 1e12
     try:
@@ -516,7 +516,7 @@ def section_kernels_compiled(ctx: dict) -> dict:
 # Training runs through the project's Ray-free loop
 # ---------------------------------------------------------------------------------------------------------------
 def _ensure_process_group(device: torch.device) -> None:
-    """A one-rank process group, so that pipeline.loop.Trainer applies FSDP2 (+ bf16 MixedPrecisionPolicy)."""
+    """A one-rank process group, so that pipeline.train.loop.Trainer applies FSDP2 (+ bf16 MixedPrecisionPolicy)."""
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -532,7 +532,7 @@ def _ensure_process_group(device: torch.device) -> None:
 
 def _model_vocab(preset: str, data_vocab: int) -> int:
     """The preset's reference vocabulary when it covers the tokenizer's ids, else the tokenizer's."""
-    from pipeline.model import PRESETS
+    from pipeline.model.transformer import PRESETS
 
     return max(PRESETS[preset]["vocab_size"], data_vocab)
 
@@ -540,10 +540,10 @@ def _model_vocab(preset: str, data_vocab: int) -> int:
 def train_run(ctx: dict, *, name: str, preset: str, seq_len: int, batch: int, steps: int, switch_fraction: float,
               bag_size: int, compile: bool, log_every: int, eval_every: int, lr: float, warmup: int,
               val_windows: int, seed: int = 0) -> dict:
-    """One run of pipeline.loop.Trainer (checkpoint writes skipped); returns its metric records and summary."""
+    """One run of pipeline.train.loop.Trainer (checkpoint writes skipped); returns its metric records and summary."""
     from pipeline.config import Config, validate
-    from pipeline.loop import LocalReporter, Trainer
-    from pipeline.metrics import MetricsSink
+    from pipeline.train.loop import LocalReporter, Trainer
+    from pipeline.train.metrics import MetricsSink
 
     class _CheckTrainer(Trainer):
         def save(self, metrics):  # no DCP write: report the metrics only (module docstring)

@@ -6,7 +6,7 @@
 
 Equal active FLOPs: the dense SwiGLU has intermediate size k * I, the MoE E experts of size I with top-k routing,
 so both do 3 matmuls of N x D x (k I) per token batch; the MoE adds the router (N x D x E), the softmax/top-k, the
-sort by expert, the gather of the N k rows and the index_add back (pipeline/moe.py). Target (issue 16): at most
+sort by expert, the gather of the N k rows and the index_add back (pipeline/model/moe.py). Target (issue 16): at most
 1.5x the dense time. Above it, the per-operator profile (torch.profiler, one extra forward + backward) says where
 the time goes: "matmul" (mm/addmm/bmm/linear), "dispatch" (argsort, bincount, index/gather, index_add, split, cat),
 "routing" (softmax, topk, logsumexp), "elementwise" (silu, mul, add, ...), and "other".
@@ -31,9 +31,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.model import FeedForward  # noqa: E402
-import pipeline.moe  # noqa: E402
-from pipeline.moe import MoEFeedForward  # noqa: E402
+from pipeline.model.transformer import FeedForward  # noqa: E402
+import pipeline.model.moe  # noqa: E402
+from pipeline.model.moe import MoEFeedForward  # noqa: E402
 
 SHAPES = {  # name: (D, E, k, I, N tokens)
     "tiny-moe": (128, 8, 2, 192, 16 * 128),  # the preset, one step's tokens (batch 16 x seq 128)
@@ -121,13 +121,13 @@ def main(argv=None) -> int:
         x = torch.randn(1, N, D, device=device, dtype=dtype)
         # interleave the three so that machine load hits them alike
         td, tm, tl = [], [], []
-        auto = pipeline.moe.use_grouped_mm
+        auto = pipeline.model.moe.use_grouped_mm
         for _ in range(3):
             td += time_fwd_bwd(dense, x, args.repeats // 3 or 1, args.warmup, device)
             tm += time_fwd_bwd(moe, x, args.repeats // 3 or 1, args.warmup, device)
-            pipeline.moe.use_grouped_mm = lambda x, w13: False
+            pipeline.model.moe.use_grouped_mm = lambda x, w13: False
             tl += time_fwd_bwd(moe, x, args.repeats // 3 or 1, args.warmup, device)
-            pipeline.moe.use_grouped_mm = auto
+            pipeline.model.moe.use_grouped_mm = auto
         d_ms, m_ms, l_ms = (statistics.median(t) * 1e3 for t in (td, tm, tl))
         row = {"shape": name, "D": D, "E": E, "k": k, "I": I, "N": N, "dense_ms": d_ms, "moe_ms": m_ms,
                "ratio": m_ms / d_ms, "moe_path": "grouped_mm" if auto(x.reshape(N, D), moe.w13) else "loop",

@@ -42,7 +42,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from pipeline.config import load_config
-    from pipeline.metrics import JsonlWriter
+    from pipeline.train.metrics import JsonlWriter
     from pipeline.runner import run_training
 
     out = os.path.abspath(args.out or tempfile.mkdtemp(prefix="tst-overhead-"))

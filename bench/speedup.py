@@ -385,13 +385,13 @@ def _train_packed(cfg, name: str, console: bool) -> dict:
     import torch
 
     from bench.gpu_check import make_source
-    from pipeline.loop import LocalReporter, train
-    from pipeline.metrics import MetricsSink
+    from pipeline.train.loop import LocalReporter, train
+    from pipeline.train.metrics import MetricsSink
 
     data = load_packed_data(cfg.data.source)
     vocab = data["header"]["vocab_size"]
     if cfg.model.vocab_size is None:
-        from pipeline.model import PRESETS
+        from pipeline.model.transformer import PRESETS
 
         cfg.model.vocab_size = max(PRESETS[cfg.model.preset]["vocab_size"], vocab)  # as gpu_check does
     run_dir = os.path.join(os.path.abspath(cfg.run.output_dir), "runs", name)
@@ -481,7 +481,7 @@ def copy_history(src_run: str, dst_run: str, upto_step: int) -> None:
 def model_info(cfg, vocab_size: int) -> dict:
     import torch
 
-    from pipeline.model import Transformer, resolve_model_config
+    from pipeline.model.transformer import Transformer, resolve_model_config
 
     mcfg = resolve_model_config(cfg.model, cfg.model.vocab_size or vocab_size)
     with torch.device("meta"):
@@ -554,7 +554,7 @@ def run_speedup(setting: str = "cpu", *, bag_size: int = 6, switch_fraction: flo
                          "pass --allow-repeat")
     vocab = data["vocab_size"]
     if data["packed"] and cfg.model.vocab_size is None:
-        from pipeline.model import PRESETS
+        from pipeline.model.transformer import PRESETS
 
         vocab = max(PRESETS[cfg.model.preset]["vocab_size"], vocab)  # the rule of _train_packed / gpu_check
     minfo = model_info(cfg, vocab)

@@ -52,14 +52,14 @@ def main(argv: list[str] | None = None) -> dict:
                     help="also train a branch from the switch checkpoint with this change (see above)")
     a = ap.parse_args(argv)
 
-    from pipeline.checkpoint import load_checkpoint
+    from pipeline.train.checkpoint import load_checkpoint
     from pipeline.config import load_config
     from pipeline.data import build_source
-    from pipeline.loop import build_model, build_optimizer, make_batch
+    from pipeline.train.loop import build_model, build_optimizer, make_batch
 
     cfg = load_config(os.path.join(a.run_dir, "config.yaml"))
     torch.set_num_threads(cfg.train.threads or 1)
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(cfg.data, cfg.run.output_dir)
     src = build_source(cfg, cfg.run.output_dir, tokenizer=tok)
@@ -122,10 +122,10 @@ def branch(a, cfg, ckpt: str, model, opt, rec_sq: dict, vocab: int) -> dict:
     import shutil
 
     from bench.speedup import copy_history
-    from pipeline.checkpoint import read_meta, save_checkpoint
+    from pipeline.train.checkpoint import read_meta, save_checkpoint
     from pipeline.runner import run_training
 
-    from pipeline.loop import build_model
+    from pipeline.train.loop import build_model
 
     if a.intervene == "reinit":  # the initial weights of the run (same seed as its step 0)
         fresh, _ = build_model(cfg, vocab, torch.device("cpu"))

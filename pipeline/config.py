@@ -25,9 +25,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """The decoder's shape. `preset` fills every field left at None (see `pipeline.model.PRESETS`)."""
+    """The decoder's shape. `preset` fills every field left at None (see `pipeline.model.transformer.PRESETS`)."""
 
-    preset: str = "tiny"  # tiny | 125M | 270M | 600M | 3B | tiny-moe | 10B-A1B (see pipeline/model.py)
+    preset: str = "tiny"  # tiny | 125M | 270M | 600M | 3B | tiny-moe | 10B-A1B (see pipeline/model/transformer.py)
     vocab_size: Optional[int] = None  # None: taken from the tokenizer
     hidden_size: Optional[int] = None  # D: model width (None: the preset's)
     num_layers: Optional[int] = None  # decoder blocks
@@ -37,7 +37,7 @@ class ModelConfig:
     rope_theta: Optional[float] = None  # RoPE base frequency
     rms_norm_eps: Optional[float] = None  # RMSNorm epsilon
     max_position_embeddings: Optional[int] = None  # longest sequence the exported config declares
-    # Mixture-of-Experts (pipeline/moe.py; Qwen3-MoE). num_experts 0 = dense (the Llama presets).
+    # Mixture-of-Experts (pipeline/model/moe.py; Qwen3-MoE). num_experts 0 = dense (the Llama presets).
     num_experts: Optional[int] = None  # E: experts per MoE layer
     experts_per_token: Optional[int] = None  # k: top-k token-choice routing (Qwen3 num_experts_per_tok)
     moe_intermediate_size: Optional[int] = None  # each expert's SwiGLU width

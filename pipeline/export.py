@@ -1,17 +1,17 @@
 """`tst export` and `tst generate`: every checkpoint becomes an ordinary Hugging Face Llama.
 
 Why: the paper's promise is that a TST-trained model is, at inference time, identical to a conventionally
-pretrained one. `pipeline.model.Transformer` mirrors `transformers.LlamaForCausalLM` exactly, so export is:
+pretrained one. `pipeline.model.transformer.Transformer` mirrors `transformers.LlamaForCausalLM` exactly, so export is:
   1. gather the (possibly FSDP-sharded) model state from the checkpoint's torch.distributed.checkpoint (DCP)
      folder in one process, without a process group or a GPU (DCP stores global shapes; loading plain tensors
      reassembles the shards);
-  2. rename the parameters (`pipeline.model.to_hf_state_dict`) and write `model.safetensors` (or
+  2. rename the parameters (`pipeline.model.transformer.to_hf_state_dict`) and write `model.safetensors` (or
      `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json` when larger than --max-shard-size);
   3. write `config.json` (LlamaForCausalLM: our model is a plain Llama for every preset, including the
      Qwen3/SmolLM3-sized ones: no QK-norm, RoPE in every layer, untied embeddings), `generation_config.json`,
      and the tokenizer (`tokenizer.json` + `tokenizer_config.json` for `PreTrainedTokenizerFast`), so that
      `AutoModelForCausalLM.from_pretrained(OUT)` and `AutoTokenizer.from_pretrained(OUT)` just work.
-MoE models (`model.num_experts > 0`, pipeline/moe.py) export as `Qwen3MoeForCausalLM` (model_type qwen3_moe,
+MoE models (`model.num_experts > 0`, pipeline/model/moe.py) export as `Qwen3MoeForCausalLM` (model_type qwen3_moe,
 norm_topk_prob true, QK-norm, decoder_sparse_step = model.moe_every, no shared expert), with the on-disk key
 layout of the published Qwen3-MoE checkpoints: `model.layers.{i}.mlp.gate.weight` (E, D) for the router and one
 matrix per expert, `model.layers.{i}.mlp.experts.{j}.{gate_proj,up_proj,down_proj}.weight`; attention adds
@@ -24,7 +24,7 @@ the recovery phase has run (paper: r = 1 gives next-token loss 4.6-6.5).
 `tst generate` samples with a KV cache (temperature, top-k, top-p; temperature 0 = greedy) from a checkpoint or
 an export, on CPU or GPU. Prompts are encoded as they are (no BOS: training documents are only EOS-separated).
 
-Checkpoints are read with `pipeline.checkpoint` (`find_checkpoint`, `load_model_state`): a folder holding the DCP
+Checkpoints are read with `pipeline.train.checkpoint` (`find_checkpoint`, `load_model_state`): a folder holding the DCP
 of `{"model": ..., "optimizer": ...}`, `meta.json` ({"step", "phase", "phase_of_last_step", "config" with resolved
 model fields, "tokenizer": "tokenizer.json"}) and the tokenizer file; a run folder means its latest checkpoint.
 """
@@ -54,8 +54,8 @@ _BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "[BOS]", "<|bos|>")
 
 def load_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict, str]:
     """(full model state dict in our names, meta.json, checkpoint folder) of a checkpoint folder, or of the latest
-    checkpoint of a run folder. Gathers FSDP shards in this process, no process group (pipeline.checkpoint)."""
-    from pipeline.checkpoint import find_checkpoint, load_model_state
+    checkpoint of a run folder. Gathers FSDP shards in this process, no process group (pipeline.train.checkpoint)."""
+    from pipeline.train.checkpoint import find_checkpoint, load_model_state
     from pipeline.errors import TSTError
 
     try:
@@ -82,7 +82,7 @@ def unrecovered(meta: dict) -> bool:
 
 def _model_config_from_meta(meta: dict, sd: dict):
     from pipeline.config import Config
-    from pipeline.model import resolve_model_config
+    from pipeline.model.transformer import resolve_model_config
 
     cfg = Config.from_dict(meta.get("config") or {}).model
     return resolve_model_config(cfg, vocab_size=sd["tok_embeddings.weight"].shape[0])
@@ -101,7 +101,7 @@ def _model_config_from_hf(hf: dict):
             f"model_type {hf.get('model_type')!r}, rope {rope}"
         )
     theta = hf.get("rope_theta") or rope.get("rope_theta", 10000.0)
-    from pipeline.model import _DENSE
+    from pipeline.model.transformer import _DENSE
 
     moe = dict(_DENSE)  # a Llama export: no experts, no QK-norm
     if kind == "qwen3_moe":
@@ -144,7 +144,7 @@ def _read_safetensors(folder: str) -> dict[str, torch.Tensor]:
 def load_model(path: str, device="cpu", dtype: Optional[torch.dtype] = None):
     """A checkpoint (folder with meta.json, or a run folder of them) or an export (config.json + safetensors)
     -> (Transformer in eval mode, tokenizer file path or None, info dict)."""
-    from pipeline.model import Transformer, from_hf_state_dict
+    from pipeline.model.transformer import Transformer, from_hf_state_dict
 
     if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, "meta.json")):
         with open(os.path.join(path, "config.json")) as f:
@@ -341,7 +341,7 @@ def export_checkpoint(
 ) -> dict:
     """Write an HF-loadable folder from a checkpoint. dtype: None (keep the checkpoint's), float32, bfloat16,
     float16. Returns a summary dict (files, step, phase, parameter count)."""
-    from pipeline.model import to_hf_state_dict
+    from pipeline.model.transformer import to_hf_state_dict
 
     sd, meta, ckpt = load_checkpoint(checkpoint)
     cfg = _model_config_from_meta(meta, sd)

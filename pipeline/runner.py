@@ -71,7 +71,7 @@ def prepare_data(cfg: Config, output_dir: str, mode: str, wait: str = "complete"
     once, by Ray Data in mode "ray" or in-process in mode "local"/"memory"); bad input fails here, before workers.
     wait="first": return as soon as the store's first shard is committed, the prepare going on behind."""
     from pipeline.data import build_source
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(cfg.data, output_dir)
     source = build_source(cfg, output_dir, mode=mode, tokenizer=tok, wait=wait, console=console)
@@ -81,7 +81,7 @@ def prepare_data(cfg: Config, output_dir: str, mode: str, wait: str = "complete"
 def check_held_out(cfg: Config, source) -> None:
     """What only the data can tell, right after prepare and before any training: is there a held-out window?"""
     from pipeline.errors import DataError
-    from pipeline.loop import _split_doc_ids
+    from pipeline.train.loop import _split_doc_ids
 
     if len(_split_doc_ids(source.val_windows())[0]) == 0:
         d = cfg.data
@@ -127,7 +127,7 @@ def run_training(cfg: Config, *, use_ray: bool = True, name: Optional[str] = Non
     # Tracking first: an unreachable server is a clear error before anything expensive starts.
     uri = None
     if cfg.run.tracking:
-        from pipeline.tracking import check_reachable, resolve_tracking_uri
+        from pipeline.report.tracking import check_reachable, resolve_tracking_uri
 
         uri = resolve_tracking_uri(cfg.run.tracking_uri, paths.output_dir)
         check_reachable(uri)
@@ -139,7 +139,7 @@ def run_training(cfg: Config, *, use_ray: bool = True, name: Optional[str] = Non
     tracker = None
     try:
         if uri is not None:
-            from pipeline.tracking import MlflowTracker, environment_tags, run_params
+            from pipeline.report.tracking import MlflowTracker, environment_tags, run_params
 
             run_id = MlflowTracker.find_run(uri, cfg.run.experiment, paths.name)
             tracker = MlflowTracker(uri, cfg.run.experiment, paths.name, run_id=run_id,
@@ -150,13 +150,13 @@ def run_training(cfg: Config, *, use_ray: bool = True, name: Optional[str] = Non
 
         mode = data_mode or ("ray" if use_ray else "local")
         if use_ray or mode == "ray":
-            from pipeline.ray_train import ensure_ray
+            from pipeline.train.ray_train import ensure_ray
 
             ensure_ray(cfg)  # the prepare (Ray Data) and the TorchTrainer need a running Ray
         # Training starts once the store's first shard is committed; the prepare (if any) goes on behind it.
         tok, source = prepare_data(cfg, paths.output_dir, mode, wait="first", console=console)
         if tracker is not None:
-            from pipeline.tracking import model_params
+            from pipeline.report.tracking import model_params
 
             tracker.log_params(model_params(cfg, tok.vocab_size))
         check_held_out(cfg, source)
@@ -181,7 +181,7 @@ def run_training(cfg: Config, *, use_ray: bool = True, name: Optional[str] = Non
     status = "FAILED"
     stop_flag = None
     if use_ray:
-        from pipeline.ray_train import stop_flag_actor
+        from pipeline.train.ray_train import stop_flag_actor
 
         stop_flag = stop_flag_actor()
     try:
@@ -212,8 +212,8 @@ def run_training(cfg: Config, *, use_ray: bool = True, name: Optional[str] = Non
 
 
 def _fit_local(cfg, paths, source, tok, tracker, console, on_metrics=None) -> dict:
-    from pipeline.loop import LocalReporter, train
-    from pipeline.metrics import MetricsSink
+    from pipeline.train.loop import LocalReporter, train
+    from pipeline.train.metrics import MetricsSink
 
     import torch
 
@@ -232,7 +232,7 @@ def _sigterm_stops(stop_flag, console: bool):
     import signal
     import threading
 
-    from pipeline import loop
+    from pipeline.train import loop
 
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -255,7 +255,7 @@ def _sigterm_stops(stop_flag, console: bool):
 
 
 def _fit_ray(cfg, paths, source, tok, tracker, console, extra_callbacks, stop_flag=None) -> dict:
-    from pipeline.ray_train import build_trainer
+    from pipeline.train.ray_train import build_trainer
 
     with open(tok.path) as f:
         tok_json = f.read()
@@ -275,7 +275,7 @@ def _fit_ray(cfg, paths, source, tok, tracker, console, extra_callbacks, stop_fl
             raise root from None
         raise
     # result.metrics are those of the last checkpoint; the run's final summary is the controller's last record
-    from pipeline.metrics import JsonlWriter
+    from pipeline.train.metrics import JsonlWriter
 
     finals = [r for r in JsonlWriter(os.path.join(paths.run_dir, "metrics.jsonl")).read() if r.get("kind") == "final"]
     summary = dict(finals[-1]) if finals else dict(result.metrics or {})
@@ -326,8 +326,8 @@ def data_summary(source) -> dict:
 
 
 def _finish_tracking(tracker, paths, cfg, status: str, source=None) -> None:
-    from pipeline.metrics import JsonlWriter
-    from pipeline.tracking import loss_curve_png
+    from pipeline.train.metrics import JsonlWriter
+    from pipeline.report.tracking import loss_curve_png
 
     if source is not None:
         d = data_summary(source)
@@ -376,7 +376,7 @@ def print_summary(summary: dict) -> None:
         f"{summary.get('wall_s', 0):.0f}s" if isinstance(v, (int, float)) else f"[tst] done: {summary}",
         flush=True)
     if summary.get("mlflow_run_id"):
-        from pipeline.tracking import mlflow_command
+        from pipeline.report.tracking import mlflow_command
 
         print(f"[tst] MLflow: run {summary['mlflow_run_id']} in {summary.get('tracking_uri')} — browse with "
               f"`{mlflow_command()} ui --backend-store-uri {summary.get('tracking_uri')}`", flush=True)

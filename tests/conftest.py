@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 # The session's own local Ray runs without token auth, chosen here before anything imports Ray: `tst` commands
-# called in-process (pipeline.cli.main -> pipeline.quiet.console_defaults) would otherwise set RAY_AUTH_MODE=token
+# called in-process (pipeline.cli.main -> pipeline.ray_env.console_defaults) would otherwise set RAY_AUTH_MODE=token
 # after Ray read its config, and the session Ray's GCS (token) and this process (disabled) would disagree.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 

@@ -29,7 +29,7 @@ def help_text(*argv) -> None:
 
 def test_train_help_explains_every_key_with_the_recipe_values(capsys):
     from pipeline.config import Config
-    from pipeline.config_help import key_docs
+    from pipeline.cli.help import key_docs
 
     help_text("train")
     text = capsys.readouterr().out
@@ -49,13 +49,13 @@ def test_train_help_explains_every_key_with_the_recipe_values(capsys):
 def test_data_commands_default_to_the_train_recipe(monkeypatch, tmp_path):
     """`tst tokenizer train` and `tst data inspect` describe the run `tst train` makes: same config, same
     tokenizer cache path (a second tokenizer was cached from the dataclass defaults before)."""
-    import pipeline.data_cli as data_cli
+    import pipeline.cli.data as data_cli
     import pipeline.runner as runner
     from pipeline.cli import main
-    from pipeline.tokenizer import bpe_cache_path
+    from pipeline.data.tokenizer import bpe_cache_path
 
     seen = {}
-    monkeypatch.setattr("pipeline.tokenizer.train_corpus_bpe",
+    monkeypatch.setattr("pipeline.data.tokenizer.train_corpus_bpe",
                         lambda d, vocab, out: seen.update(data=d, out=out) or {"documents": 0, "chars": 0,
                                                                                "seconds": 0})
 
@@ -80,7 +80,7 @@ def test_mlflow_opens_on_runs_that_tell_apart(tmp_path, capsys):
     from mlflow import MlflowClient
 
     from pipeline.cli import main
-    from pipeline.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+    from pipeline.report.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
 
     out = str(tmp_path)
     assert main(["train", "--no-ray", *TINY, "data.bag_size=2", "train.switch_fraction=0.5",

@@ -88,7 +88,7 @@ def test_cluster_yaml_validates_against_rays_schema(path):
 def _requested_resources(cfg) -> dict[str, list[dict]]:
     """What the code asks Ray for under `cfg`: the train worker bundle straight from `build_trainer`'s
     ScalingConfig, and the Ray Data read task / tokenizer actor options of the prepare (pipeline/data/prepare.py)."""
-    from pipeline.ray_train import build_trainer
+    from pipeline.train.ray_train import build_trainer
 
     trainer = build_trainer(cfg, source=None, vocab_size=128256, tokenizer_json=None, run_name="x", run_dir="/tmp/x",
                             storage_path="/tmp/x", tracking_uri=None, mlflow_run_id=None, console=False)
@@ -255,7 +255,7 @@ def test_ray_job_submit_trains_and_logs_to_mlflow(ray_head, tmp_path):
     its logs stream back, its run is in MLflow, and outputs/data/stores were not uploaded."""
     import mlflow
 
-    from pipeline.job import runtime_env
+    from pipeline.cli.job import runtime_env
 
     work = _repo_copy(str(tmp_path / "repo"))
     out = str(tmp_path / "outputs")
@@ -296,7 +296,7 @@ def test_ray_job_submit_trains_and_logs_to_mlflow(ray_head, tmp_path):
     assert len(pkgs) == 1, pkgs
     pkg = pkgs[0]
     uploaded = {os.path.relpath(os.path.join(d, f), pkg) for d, _, fs in os.walk(pkg) for f in fs}
-    assert "pipeline/job.py" in uploaded and "recipes/tiny.yaml" in uploaded and "cluster.yaml" in uploaded
+    assert "pipeline/cli/job.py" in uploaded and "recipes/tiny.yaml" in uploaded and "cluster.yaml" in uploaded
     # (the job itself may write into its working dir, e.g. MLflow's default ./mlruns artifact root with a SQLite
     # store, so look for the exact files that were planted before the upload)
     assert not set(JUNK) & uploaded, sorted(set(JUNK) & uploaded)
@@ -313,11 +313,11 @@ def test_ray_job_submit_trains_and_logs_to_mlflow(ray_head, tmp_path):
 
 
 def test_upload_excludes_are_rays_own_matching():
-    """.rayignore and `pipeline.job.UPLOAD_EXCLUDES` hold the same patterns, and Ray's own matcher (the one its
+    """.rayignore and `pipeline.cli.job.UPLOAD_EXCLUDES` hold the same patterns, and Ray's own matcher (the one its
     working_dir packaging uses) drops outputs, stores, corpora and environments but keeps every tracked file."""
     from ray._private.thirdparty.pathspec import PathSpec
 
-    from pipeline.job import UPLOAD_EXCLUDES, runtime_env
+    from pipeline.cli.job import UPLOAD_EXCLUDES, runtime_env
 
     with open(os.path.join(REPO, ".rayignore")) as f:
         patterns = [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
@@ -330,7 +330,7 @@ def test_upload_excludes_are_rays_own_matching():
     env = runtime_env(tracking_uri="http://127.0.0.1:5000", env={"TST_X": 1})
     assert env["excludes"] == UPLOAD_EXCLUDES
     assert env["env_vars"]["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000" and env["env_vars"]["TST_X"] == "1"
-    out = subprocess.run([sys.executable, "-m", "pipeline.job", "--tracking-uri", "sqlite:////tmp/m.db"], cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli.job", "--tracking-uri", "sqlite:////tmp/m.db"], cwd=REPO,
                          capture_output=True, text=True, check=True).stdout
     assert json.loads(out)["env_vars"]["MLFLOW_TRACKING_URI"] == "sqlite:////tmp/m.db"
 

@@ -11,7 +11,7 @@ import torch
 from pipeline.config import Config, apply_overrides
 from pipeline.data import StreamPlan, build_source, iter_documents, list_files, new_stats
 from pipeline.errors import DataError
-from pipeline.tokenizer import load_tokenizer
+from pipeline.data.tokenizer import load_tokenizer
 
 
 def make_cfg(source, **kv):
@@ -130,7 +130,7 @@ def test_mask_mode_returns_doc_ids(tmp_path):
 
 
 def test_builtin_corpora_are_real_text():
-    from pipeline.corpus import builtin_documents
+    from pipeline.data.corpus import builtin_documents
 
     wiki = builtin_documents("wiki")
     assert len(wiki) == 10033 and sum(len(t.encode()) for t in wiki) >= 5_000_000

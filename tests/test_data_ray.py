@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from pipeline.config import Config, apply_overrides
-from pipeline.corpus import builtin_documents
+from pipeline.data.corpus import builtin_documents
 from pipeline.data import build_source
 from pipeline.errors import DataError
-from pipeline.tokenizer import load_tokenizer
+from pipeline.data.tokenizer import load_tokenizer
 
 
 def _corpus(tmp_path, n_files=3, docs_per_file=12, bad=False):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.config import Config, apply_overrides
-from pipeline.corpus import builtin_documents
+from pipeline.data.corpus import builtin_documents
 from pipeline.data import build_source, iter_documents, list_files
 from pipeline.errors import DataError
 from netutil import free_ports

@@ -131,7 +131,7 @@ def elastic_run(tmp_path_factory):
     ref_cfg = apply_overrides(Config(), plan["overrides"] + ["scaling.min_workers=null", "scaling.num_workers=0",
                                                           "train.threads=1"])
     run_training(ref_cfg, use_ray=False, name="reference", console=False)
-    from pipeline.metrics import JsonlWriter
+    from pipeline.train.metrics import JsonlWriter
 
     result["reference"] = {r["step"]: r for r in JsonlWriter(os.path.join(out, "runs", "reference",
                                                                             "metrics.jsonl")).read()

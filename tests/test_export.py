@@ -13,8 +13,8 @@ import torch
 
 from pipeline.config import Config, ModelConfig
 from pipeline.export import export_checkpoint, generate_text, load_model
-from pipeline.loop import make_batch
-from pipeline.model import Transformer, resolve_model_config
+from pipeline.train.loop import make_batch
+from pipeline.model.transformer import Transformer, resolve_model_config
 
 
 def _transformers():
@@ -63,7 +63,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def corpus(tmp_path_factory):
     from tokenizers import Tokenizer
 
-    from pipeline.tokenizer import train_bpe
+    from pipeline.data.tokenizer import train_bpe
 
     root = tmp_path_factory.mktemp("corpus")
     texts = wiki_texts(120)
@@ -78,8 +78,8 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(corpus, tmp_path_factory):
     """A tiny TST run on Wikipedia text: 15 superposition steps (s = 3), then 35 recovery steps, checkpointed
-    with pipeline.checkpoint.save_checkpoint (DCP + meta.json + tokenizer) after each phase."""
-    from pipeline.checkpoint import save_checkpoint
+    with pipeline.train.checkpoint.save_checkpoint (DCP + meta.json + tokenizer) after each phase."""
+    from pipeline.train.checkpoint import save_checkpoint
 
     cfg = resolve_model_config(ModelConfig(preset="tiny"), vocab_size=corpus["tok"].get_vocab_size())
     torch.manual_seed(0)
@@ -232,7 +232,7 @@ def _fsdp_worker(rank, world, init_file, ckpt, cfg_dict, stream, meta, tok_path,
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    from pipeline.checkpoint import save_checkpoint
+    from pipeline.train.checkpoint import save_checkpoint
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)

@@ -123,7 +123,7 @@ def _shard(ckpt: str) -> str:
 
 
 def test_verify_finds_truncated_missing_and_altered_files(shared_out, tmp_path):
-    from pipeline.checkpoint import LocalCheckpointManager, verify
+    from pipeline.train.checkpoint import LocalCheckpointManager, verify
 
     run_local(make_cfg(shared_out, "train.steps=4"), str(tmp_path))
     (ckpt,) = LocalCheckpointManager(str(tmp_path)).list()
@@ -154,7 +154,7 @@ def test_verify_finds_truncated_missing_and_altered_files(shared_out, tmp_path):
 
 def test_a_truncated_newest_checkpoint_is_skipped_with_one_warning_and_the_run_recovers_exactly(
         shared_out, tmp_path, capsys):
-    from pipeline.checkpoint import LocalCheckpointManager
+    from pipeline.train.checkpoint import LocalCheckpointManager
 
     cfg = make_cfg(shared_out)  # T = 10, checkpoints at 4, 8, 10
     ref_dir, run_dir = str(tmp_path / "ref"), str(tmp_path / "run")
@@ -176,7 +176,7 @@ def test_a_truncated_newest_checkpoint_is_skipped_with_one_warning_and_the_run_r
 
 
 def test_rng_state_is_saved_per_rank_and_restored_on_resume(shared_out, tmp_path):
-    from pipeline.checkpoint import LocalCheckpointManager
+    from pipeline.train.checkpoint import LocalCheckpointManager
 
     cfg = make_cfg(shared_out, "train.steps=4")
     run_local(cfg, str(tmp_path))
@@ -188,7 +188,7 @@ def test_rng_state_is_saved_per_rank_and_restored_on_resume(shared_out, tmp_path
 
 
 def test_staging_folders_of_dead_writers_are_swept(tmp_path):
-    from pipeline.checkpoint import sweep_staging
+    from pipeline.train.checkpoint import sweep_staging
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -228,7 +228,7 @@ def test_resume_refuses_any_change_to_what_a_step_reads(shared_out, tmp_path, ch
 
 
 def test_a_checkpoint_of_a_newer_format_is_refused(shared_out, tmp_path):
-    from pipeline.checkpoint import CHECKPOINT_FORMAT, LocalCheckpointManager, _file_record
+    from pipeline.train.checkpoint import CHECKPOINT_FORMAT, LocalCheckpointManager, _file_record
 
     cfg = make_cfg(shared_out, "train.steps=4")
     run_local(cfg, str(tmp_path))
@@ -254,7 +254,7 @@ def test_a_hung_tracking_server_never_blocks_logging_and_closing_is_bounded(tmp_
     import threading
     import warnings
 
-    from pipeline.tracking import MlflowTracker
+    from pipeline.report.tracking import MlflowTracker
 
     for k in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"):
         monkeypatch.delenv(k, raising=False)
@@ -295,7 +295,7 @@ def test_validate_accepts_any_worker_count_that_gives_every_rank_its_micro_batch
 
 def test_uneven_shards_partition_the_global_batch_in_order(shared_out):
     from pipeline.data import build_source
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.data.tokenizer import load_tokenizer
 
     cfg = make_cfg(shared_out, "train.global_batch_size=10", "data.bag_size=3", "train.switch_fraction=0.5")
     tok = load_tokenizer(cfg.data, cfg.run.output_dir)
@@ -311,7 +311,7 @@ def test_uneven_shards_partition_the_global_batch_in_order(shared_out):
 def test_three_workers_on_a_batch_of_four_match_the_one_process_run(shared_out, tmp_path, ray_session):
     """Uneven shards (rows 0, 1, 2-3 on ranks 0, 1, 2): the loss uses global per-slot counts, so the step is the
     same as one process's, up to float reduction order."""
-    from pipeline.metrics import JsonlWriter
+    from pipeline.train.metrics import JsonlWriter
     from pipeline.runner import run_training
 
     out = str(tmp_path)
@@ -339,7 +339,7 @@ def _tst(*args, **kw):
 
 
 def _wait_for_step(metrics: str, step: int, proc, timeout: float = 300) -> None:
-    from pipeline.metrics import JsonlWriter
+    from pipeline.train.metrics import JsonlWriter
 
     t0 = time.time()
     while time.time() - t0 < timeout and proc.poll() is None:
@@ -362,8 +362,8 @@ def cli_reference(shared_out, tmp_path_factory):
 
 
 def _losses_and_weights(run_dir):
-    from pipeline.checkpoint import LocalCheckpointManager, load_model_state
-    from pipeline.metrics import JsonlWriter
+    from pipeline.train.checkpoint import LocalCheckpointManager, load_model_state
+    from pipeline.train.metrics import JsonlWriter
 
     recs = [r for r in JsonlWriter(os.path.join(run_dir, "metrics.jsonl")).read() if "train_loss" in r]
     sd, _ = load_model_state(LocalCheckpointManager(run_dir).latest())
@@ -428,7 +428,7 @@ def test_driver_killed_during_a_checkpoint_write_resumes_exactly(cli_reference):
 
 def test_two_runs_of_one_config_are_bit_identical(shared_out, tmp_path):
     """docs/interfaces.md 'Determinism': same commit, config, machine, threads and worker count -> same bits."""
-    from pipeline.checkpoint import LocalCheckpointManager, load_model_state
+    from pipeline.train.checkpoint import LocalCheckpointManager, load_model_state
 
     cfg = make_cfg(shared_out, "data.bag_size=3", "train.switch_fraction=0.3")
     runs = []

@@ -33,7 +33,7 @@ def packed(tmp_path_factory):
     """A token store of builtin:pydoc (the fixture keeps its old name: the store is what the script reads)."""
     from pipeline.config import DataConfig
     from pipeline.data import ensure_store
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.data.tokenizer import load_tokenizer
 
     d = tmp_path_factory.mktemp("gpu_check_data")
     cfg = DataConfig(source="builtin:pydoc", tokenizer="bpe:512", val_fraction=0.05)
@@ -340,8 +340,8 @@ def test_script_imports_no_optional_stack():
         "    return real(name, *a, **k)\n"
         "builtins.__import__ = imp\n"
         f"sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(REPO / 'bench')!r})\n"
-        "import gpu_check, tst_ops, pipeline.model, pipeline.loop, pipeline.parallel, pipeline.metrics\n"
-        "import pipeline.config, pipeline.checkpoint, pipeline.compare, pipeline.data, pipeline.data.reader\n"
+        "import gpu_check, tst_ops, pipeline.model.transformer, pipeline.train.loop, pipeline.train.parallel, pipeline.train.metrics\n"
+        "import pipeline.config, pipeline.train.checkpoint, pipeline.compare, pipeline.data, pipeline.data.reader\n"
         "print('ok')\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import ConfigError, ModelConfig
-from pipeline.model import PRESETS, Transformer, resolve_model_config
+from pipeline.model.transformer import PRESETS, Transformer, resolve_model_config
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -129,7 +129,7 @@ def test_generate_greedy_equals_argmax_rollout():
 
 
 def test_sampling_filters():
-    from pipeline.model import sample_next
+    from pipeline.model.transformer import sample_next
 
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.9], [5.0, 0.0, 0.0, 0.0]])
     g = torch.Generator().manual_seed(0)
@@ -143,7 +143,7 @@ def test_sampling_filters():
 
 
 def test_hf_state_dict_names_round_trip():
-    from pipeline.model import from_hf_state_dict, to_hf_state_dict
+    from pipeline.model.transformer import from_hf_state_dict, to_hf_state_dict
 
     sd = tiny().state_dict()
     hf = to_hf_state_dict(sd)

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import ConfigError, ModelConfig
-from pipeline.model import PRESETS, Transformer, resolve_model_config
-from pipeline.moe import MoEFeedForward, expert_forward, moe_losses, route
+from pipeline.model.transformer import PRESETS, Transformer, resolve_model_config
+from pipeline.model.moe import MoEFeedForward, expert_forward, moe_losses, route
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,11 +47,11 @@ def naive_moe(x, router_w, k, w13, w2):
 @pytest.mark.parametrize("grouped_mm", [True, False], ids=["grouped_mm", "loop"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_grouped_dispatch_equals_per_token_loop(dtype, tol, grouped_mm, monkeypatch):
-    import pipeline.moe
+    import pipeline.model.moe
 
-    if grouped_mm and not pipeline.moe.use_grouped_mm(torch.zeros(1, 16, dtype=dtype), torch.zeros(1, 32, 16)):
+    if grouped_mm and not pipeline.model.moe.use_grouped_mm(torch.zeros(1, 16, dtype=dtype), torch.zeros(1, 32, 16)):
         pytest.skip("torch._grouped_mm does not take this case here")
-    monkeypatch.setattr(pipeline.moe, "use_grouped_mm", lambda x, w13: grouped_mm)
+    monkeypatch.setattr(pipeline.model.moe, "use_grouped_mm", lambda x, w13: grouped_mm)
     m = moe_block(dtype)
     x = torch.randn(2, 9, 16, dtype=dtype)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -309,8 +309,8 @@ def stream():
 
 
 def run_local(cfg, run_dir):
-    from pipeline.loop import LocalReporter, Trainer
-    from pipeline.metrics import MetricsSink
+    from pipeline.train.loop import LocalReporter, Trainer
+    from pipeline.train.metrics import MetricsSink
 
     sink = MetricsSink(run_dir, cfg.train.steps, console=False)
     tr = Trainer(cfg, StreamSource(stream(), cfg), LocalReporter(run_dir, sink, keep=5), vocab_size=VOCAB)
@@ -346,7 +346,7 @@ def test_loop_logs_aux_and_expert_load_in_both_phases_and_resumes_exactly(tmp_pa
 
 def test_train_step_aux_matches_the_model_on_the_whole_batch(tmp_path):
     """The loop's step (counts reduced, global N) gives the aux loss of the whole batch in one forward."""
-    from pipeline.loop import make_batch
+    from pipeline.train.loop import make_batch
 
     cfg = loop_cfg()
     _, _, tr = run_local(loop_cfg("train.steps=1", "train.switch_fraction=1.0"), str(tmp_path))
@@ -364,8 +364,8 @@ def test_train_step_aux_matches_the_model_on_the_whole_batch(tmp_path):
 
 def _one_step_grads(tmp_path, *extra):
     """One superposition step of the loop on the first global batch: (moe_step, LM loss, {param: gradient})."""
-    from pipeline.loop import LocalReporter, Trainer
-    from pipeline.metrics import MetricsSink
+    from pipeline.train.loop import LocalReporter, Trainer
+    from pipeline.train.metrics import MetricsSink
 
     cfg = loop_cfg("train.steps=1", "train.switch_fraction=1.0", *extra)
     tr = Trainer(cfg, StreamSource(stream(), cfg), LocalReporter(str(tmp_path), MetricsSink(str(tmp_path), 1,
@@ -406,9 +406,9 @@ def test_two_fsdp_workers_under_ray_train_equal_the_ray_free_step(tmp_path, ray_
 
     import ray.cloudpickle
 
-    from pipeline.checkpoint import load_model_state
-    from pipeline.metrics import JsonlWriter
-    from pipeline.ray_train import build_trainer
+    from pipeline.train.checkpoint import load_model_state
+    from pipeline.train.metrics import JsonlWriter
+    from pipeline.train.ray_train import build_trainer
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
     cfg = loop_cfg("train.steps=1", "train.switch_fraction=1.0", "train.checkpoint_every=1")
@@ -467,7 +467,7 @@ class _DirReporter:
 def _fsdp_rank(rank, world, init_file, root):
     import torch.distributed as dist
 
-    from pipeline.loop import Trainer
+    from pipeline.train.loop import Trainer
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -523,7 +523,7 @@ def trained_moe(corpus, tmp_path_factory):
     """tiny-moe (hidden 64) trained 10 superposition (s = 3) + 20 recovery steps on Wikipedia text."""
     import warnings
 
-    from pipeline.checkpoint import save_checkpoint
+    from pipeline.train.checkpoint import save_checkpoint
     from test_export import batch
 
     cfg = resolve_model_config(ModelConfig(preset="tiny-moe", hidden_size=64, num_layers=2, moe_intermediate_size=48),

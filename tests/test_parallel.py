@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from pipeline.config import Config, apply_overrides
-from pipeline.loop import build_model, make_batch
-from pipeline.parallel import parallelize
+from pipeline.train.loop import build_model, make_batch
+from pipeline.train.parallel import parallelize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

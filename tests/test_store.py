@@ -18,7 +18,7 @@ from pipeline.config import Config, apply_overrides
 from pipeline.data import build_source, ensure_store, iter_documents, plan_store
 from pipeline.data.reader import TokenStore
 from pipeline.errors import DataError
-from pipeline.tokenizer import load_tokenizer
+from pipeline.data.tokenizer import load_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,7 +98,7 @@ PREPARE_SCRIPT = textwrap.dedent("""
     import sys, json
     from pipeline.config import Config, apply_overrides
     from pipeline.data import ensure_store
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.data.tokenizer import load_tokenizer
     cfg = apply_overrides(Config(), json.loads(sys.argv[1]))
     tok = load_tokenizer(cfg.data, cfg.run.output_dir)
     p = ensure_store(cfg.data, tok, cfg.run.output_dir, "local")

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.config import Config, apply_overrides
 from pipeline.errors import DataError
-from pipeline.tokenizer import TSTTokenizer, load_tokenizer, train_bpe
+from pipeline.data.tokenizer import TSTTokenizer, load_tokenizer, train_bpe
 
 
 def test_gpt2_vocabulary_is_bundled_and_exact(tmp_path):

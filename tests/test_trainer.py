@@ -13,9 +13,9 @@ import torch
 
 from pipeline.config import Config, apply_overrides
 from pipeline.data import build_source
-from pipeline.loop import LocalReporter, Trainer
-from pipeline.metrics import JsonlWriter, MetricsSink
-from pipeline.tokenizer import load_tokenizer
+from pipeline.train.loop import LocalReporter, Trainer
+from pipeline.train.metrics import JsonlWriter, MetricsSink
+from pipeline.data.tokenizer import load_tokenizer
 
 BASE = [
     "model.preset=tiny", "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
@@ -122,7 +122,7 @@ def test_resume_reproduces_uninterrupted_losses_exactly(shared_out, tmp_path):
 
 
 def test_checkpoint_is_atomic_and_pruned(shared_out, tmp_path):
-    from pipeline.checkpoint import LocalCheckpointManager, is_complete
+    from pipeline.train.checkpoint import LocalCheckpointManager, is_complete
 
     cfg = make_cfg(shared_out, "train.keep_checkpoints=2")
     run_local(cfg, str(tmp_path))
@@ -186,7 +186,7 @@ def _copy_cache(shared_out, dst):
 
 
 def test_ray_fsdp_one_step_matches_plain_loop(shared_out, tmp_path, ray_session):
-    from pipeline.checkpoint import load_model_state
+    from pipeline.train.checkpoint import load_model_state
     from pipeline.runner import run_training
 
     out = str(tmp_path)
@@ -242,7 +242,7 @@ def test_ray_n_to_m_resume_reads_exactly_the_uninterrupted_windows(shared_out, t
     Train resumes from the step-4 checkpoint, DCP reshards; 2 -> 1 is covered by tests/test_elastic.py and
     tests/test_moe.py). Per-step digests of the windows the workers actually trained on are identical in both, and
     the losses continue those of the plain loop."""
-    from pipeline.loop import read_digests
+    from pipeline.train.loop import read_digests
     from pipeline.runner import run_training
 
     out = str(tmp_path)
@@ -287,7 +287,7 @@ def test_mlflow_records_params_metrics_artifacts_and_backfills(shared_out, tmp_p
     from mlflow.tracking import MlflowClient
 
     from pipeline.runner import run_training
-    from pipeline.tracking import MlflowTracker
+    from pipeline.report.tracking import MlflowTracker
 
     out = str(tmp_path)
     _copy_cache(shared_out, out)
@@ -324,7 +324,7 @@ def test_mlflow_records_params_metrics_artifacts_and_backfills(shared_out, tmp_p
 
 def test_mask_doc_boundary_mode_trains(shared_out, tmp_path):
     """doc_boundary=mask: sources hand (windows, doc_ids); targets across a document boundary are ignored."""
-    from pipeline.loop import make_batch
+    from pipeline.train.loop import make_batch
 
     cfg = make_cfg(shared_out, "data.doc_boundary=mask", "data.bag_size=4", "train.switch_fraction=0.5",
                    "train.steps=4", "train.eval_every=2")

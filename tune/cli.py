@@ -27,7 +27,7 @@ CONFIG_SECTIONS = {"model", "data", "train", "scaling", "run"}
 
 
 def register(sub) -> None:
-    from pipeline.config_help import default_recipe, describe_keys
+    from pipeline.cli.help import default_recipe, describe_keys
 
     p = sub.add_parser(
         "tune", help="Ray Tune search over switch fraction and bag size (and lr / weights) at equal FLOPs",
@@ -78,7 +78,7 @@ def _load_yaml(path: str) -> dict:
 def build_spec(args):
     """The SearchSpec from --config (spec or recipe) and the flags; CLI overrides become part of the spec."""
     from pipeline.config import ConfigError
-    from pipeline.train_cli import DEFAULT_RECIPE
+    from pipeline.cli.train import DEFAULT_RECIPE
     from tune.search import SearchSpec, load_spec, parse_cli_dims
 
     path = args.config

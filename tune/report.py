@@ -325,7 +325,7 @@ def heatmaps(summary: dict, out_dir: str, name: str) -> list[str]:
 
 
 def _history(run_dir: str) -> list[dict]:
-    from pipeline.metrics import JsonlWriter
+    from pipeline.train.metrics import JsonlWriter
 
     return [r for r in JsonlWriter(os.path.join(run_dir, "metrics.jsonl")).read() if r.get("kind") != "final"]
 

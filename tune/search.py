@@ -81,9 +81,9 @@ from ray import tune as ray_tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import Searcher
-from ray.tune.search.util import _set_search_properties_backwards_compatible
 
 from pipeline.config import Config, ConfigError, apply_overrides, load_config, validate
+from pipeline.ray_internals import set_search_properties_compat
 
 S_KEY = "data.bag_size"
 R_KEY = "train.switch_fraction"
@@ -455,7 +455,7 @@ def _client(cfg: Config):
 
 def _reopen_child(cfg: Config, name: str) -> None:
     """A resumed trial's child run (closed KILLED when its process died) is RUNNING again while it trains."""
-    from pipeline.tracking import MlflowTracker
+    from pipeline.report.tracking import MlflowTracker
 
     try:
         rid = MlflowTracker.find_run(cfg.run.tracking_uri, cfg.run.experiment, name)
@@ -466,7 +466,7 @@ def _reopen_child(cfg: Config, name: str) -> None:
 
 
 def _close_child(cfg: Config, name: str, status: str, tags: Optional[dict] = None) -> None:
-    from pipeline.tracking import MlflowTracker
+    from pipeline.report.tracking import MlflowTracker
 
     try:
         rid = MlflowTracker.find_run(cfg.run.tracking_uri, cfg.run.experiment, name)
@@ -582,7 +582,7 @@ def build_base_config(spec: SearchSpec, cli_overrides: Optional[list] = None) ->
     cfg = load_config(spec.base, list(spec.overrides or []) + list(cli_overrides or []))
     cfg.run.output_dir = os.path.abspath(cfg.run.output_dir)
     if cfg.run.tracking:
-        from pipeline.tracking import resolve_tracking_uri
+        from pipeline.report.tracking import resolve_tracking_uri
 
         cfg.run.tracking_uri = resolve_tracking_uri(cfg.run.tracking_uri, cfg.run.output_dir)
     if cfg.run.storage_path and "://" not in cfg.run.storage_path:
@@ -612,7 +612,7 @@ def run_search(spec: SearchSpec, *, cli_overrides: Optional[list] = None, consol
     this name with the same spec exists; True: it must exist; False: it must not."""
     from ray import tune
 
-    from pipeline.ray_train import ensure_ray
+    from pipeline.train.ray_train import ensure_ray
 
     if spec.mode not in ("grid", "sample"):
         raise ConfigError(f"mode must be grid or sample, got {spec.mode!r}")
@@ -692,7 +692,7 @@ def run_search(spec: SearchSpec, *, cli_overrides: Optional[list] = None, consol
     parent_id = saved.get("parent_run_id") if saved else None
     tracker = None
     if base.run.tracking:
-        from pipeline.tracking import MlflowTracker, check_reachable, environment_tags
+        from pipeline.report.tracking import MlflowTracker, check_reachable, environment_tags
 
         check_reachable(base.run.tracking_uri)
         if not restoring:
@@ -754,7 +754,7 @@ def run_search(spec: SearchSpec, *, cli_overrides: Optional[list] = None, consol
             print(f"[tune] interrupted: resume with `tst tune --resume {name} --output-dir {base.run.output_dir}` "
                   f"(finished trials are not rerun)", flush=True)
         if tracker is not None:
-            from pipeline.tracking import mlflow_command
+            from pipeline.report.tracking import mlflow_command
 
             print(f"[tune] MLflow: parent run {parent_id} in {base.run.tracking_uri} "
                   f"(`{mlflow_command()} ui --backend-store-uri {base.run.tracking_uri}`); artifacts in {exp_dir}", flush=True)
@@ -885,8 +885,7 @@ class BaselineFirst(Searcher):
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         self._metric, self._mode = metric or self._metric, mode or self._mode
-        return _set_search_properties_backwards_compatible(self.searcher.set_search_properties, metric, mode,
-                                                           config, **spec)
+        return set_search_properties_compat(self.searcher.set_search_properties, metric, mode, config, **spec)
 
     def set_max_concurrency(self, max_concurrent: int) -> bool:
         return self.searcher.set_max_concurrency(max_concurrent)

@@ -294,7 +294,7 @@ class StoreSource:
 
     def identity(self) -> dict:
         """Everything that decides which tokens step t reads: the stores (content ids) and their weights, the
-        layout, the shuffle and its seed, and the schedule. A resume must find the same (pipeline.checkpoint)."""
+        layout, the shuffle and its seed, and the schedule. A resume must find the same (pipeline.train.checkpoint)."""
         p = self.plan
         return {"stores": [[c.name, c.store_id or os.path.basename(c.uri.rstrip("/")), c.weight]
                            for c in self.components],

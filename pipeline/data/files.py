@@ -30,7 +30,7 @@ class FileEntry:
 
     def key(self) -> str:
         if self.fmt == "builtin":
-            from pipeline.corpus import builtin_key
+            from pipeline.data.corpus import builtin_key
 
             return builtin_key(self.uri.split(":", 1)[1])
         return f"{self.uri}:{self.size}:{int(self.mtime)}"
@@ -92,7 +92,7 @@ def list_files(source: str, data_cfg) -> list[FileEntry]:
     out: list[FileEntry] = []
     for item in [s.strip() for s in str(source).split(",") if s.strip()]:
         if item.startswith("builtin:"):
-            from pipeline.corpus import builtin_path
+            from pipeline.data.corpus import builtin_path
 
             builtin_path(item.split(":", 1)[1])  # validates the name
             out.append(FileEntry(item, "builtin"))

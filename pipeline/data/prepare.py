@@ -226,7 +226,7 @@ class _TokenizeActor:
         os.environ["RAYON_NUM_THREADS"] = str(max(1, threads))
         os.environ["RAYON_RS_NUM_CPUS"] = str(max(1, threads))
         os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
-        from pipeline.tokenizer import TSTTokenizer
+        from pipeline.data.tokenizer import TSTTokenizer
 
         self.tok = TSTTokenizer(tok_path, eos_token)
 

@@ -84,7 +84,7 @@ def iter_file_records(entry: FileEntry, data_cfg, stats: dict, warn: Optional[Ca
     """
     warn = warn or _Warner()
     if entry.fmt == "builtin":
-        from pipeline.corpus import builtin_documents
+        from pipeline.data.corpus import builtin_documents
 
         yield from enumerate(builtin_documents(entry.uri.split(":", 1)[1]))
         return

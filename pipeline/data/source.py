@@ -197,7 +197,7 @@ def build_source(cfg, output_dir: str = "outputs", mode: str = "local", tokenize
     if d.batch_layout == "stream" and len(parts) > 1:
         raise DataError("data.sources (a mixture) needs data.batch_layout=lanes")
     from pipeline.data.batch import Component, StoreSource  # torch: imported when a run needs it, not to check inputs
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.data.tokenizer import load_tokenizer
 
     tok = tokenizer or load_tokenizer(d, output_dir)
     streaming_ok = d.batch_layout == "stream" and not d.shuffle

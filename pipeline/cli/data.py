@@ -18,7 +18,7 @@ RECIPE_HELP = "recipe YAML (default: recipes/tiny.yaml, the recipe of tst train 
 
 
 def _keys_epilog() -> str:
-    from pipeline.config_help import default_recipe, describe_keys
+    from pipeline.cli.help import default_recipe, describe_keys
 
     return "Overrides are dotted config keys (the same as tst train's).\n\n" + describe_keys(default_recipe())
 
@@ -92,7 +92,7 @@ def _store_mode(cfg, tok, no_ray: bool) -> str:
     storage, _, _ = plan_store(cfg.data, tok, cfg.run.output_dir)
     if storage.exists(INDEX):
         return "local"
-    from pipeline.ray_train import ensure_ray
+    from pipeline.train.ray_train import ensure_ray
 
     ensure_ray(cfg)
     return "ray"
@@ -104,7 +104,7 @@ def prepare(cfg, no_ray: bool = False, verify: bool = False) -> dict:
 
     from pipeline.data import ensure_store
     from pipeline.data.reader import TokenStore
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.data.tokenizer import load_tokenizer
 
     out = cfg.run.output_dir
     tok = load_tokenizer(cfg.data, out)
@@ -131,7 +131,7 @@ def prepare(cfg, no_ray: bool = False, verify: bool = False) -> dict:
 
 
 def cmd_prepare(args) -> int:
-    from pipeline.config_help import load_with_default_recipe
+    from pipeline.cli.help import load_with_default_recipe
 
     cfg = load_with_default_recipe(args.config, args.overrides)
     info = prepare(cfg, args.no_ray, args.verify)
@@ -150,7 +150,7 @@ def cmd_prepare(args) -> int:
 
 def inspect(cfg, max_bags: int = 48, no_ray: bool = False) -> dict:
     from pipeline.data import StreamPlan, build_source, list_files
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.data.tokenizer import load_tokenizer
 
     out = cfg.run.output_dir
     tok = load_tokenizer(cfg.data, out)
@@ -191,7 +191,7 @@ def inspect(cfg, max_bags: int = 48, no_ray: bool = False) -> dict:
 
 
 def cmd_inspect(args) -> int:
-    from pipeline.config_help import load_with_default_recipe
+    from pipeline.cli.help import load_with_default_recipe
 
     cfg = load_with_default_recipe(args.config, args.overrides)
     info = inspect(cfg, args.max_bags, args.no_ray)
@@ -232,8 +232,8 @@ def cmd_inspect(args) -> int:
 
 # -- tst tokenizer train ---------------------------------------------------------------------------------------------
 def cmd_tokenizer_train(args) -> int:
-    from pipeline.config_help import load_with_default_recipe
-    from pipeline.tokenizer import bpe_cache_path, parse_tokenizer_spec, train_corpus_bpe
+    from pipeline.cli.help import load_with_default_recipe
+    from pipeline.data.tokenizer import bpe_cache_path, parse_tokenizer_spec, train_corpus_bpe
 
     cfg = load_with_default_recipe(args.config, args.overrides)
     kind, n = parse_tokenizer_spec(cfg.data.tokenizer)
@@ -251,7 +251,7 @@ def cmd_tokenizer_train(args) -> int:
 def cmd_build_corpus(args) -> int:
     import logging
 
-    from pipeline.corpus import build_corpus
+    from pipeline.data.corpus import build_corpus
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     summary = build_corpus(args.out, target_mb=args.mb, shard_mb=args.shard_mb, debian=not args.no_debian,

@@ -1,4 +1,4 @@
-"""The Ray Train edge: the Ray-free loop (`pipeline.loop.train`) inside `TorchTrainer` workers.
+"""The Ray Train edge: the Ray-free loop (`pipeline.train.loop.train`) inside `TorchTrainer` workers.
 
 What Ray adds, and nothing else: worker processes with an initialised process group (gloo on CPU, NCCL on
 GPU), checkpoint persistence through `ray.train.report` (each rank passes its own DCP shard folder; Ray merges
@@ -7,7 +7,7 @@ uploaded), restarts from the latest checkpoint after a worker failure (`FailureC
 and a controller-side callback that records rank 0's metrics (MLflow is written from that one place).
 
 Stack notes that shape this file (Ray 2.60, Train V2): configs come from `ray.train`; `prepare_model` only wraps
-FSDP1 and refuses CPU, so `pipeline.parallel` calls `fully_shard` itself; `ray.train.report` is a barrier that
+FSDP1 and refuses CPU, so `pipeline.train.parallel` calls `fully_shard` itself; `ray.train.report` is a barrier that
 every rank calls the same number of times; a whole run resumes by starting it again with the same
 `RunConfig(name, storage_path)`.
 """
@@ -24,7 +24,7 @@ from ray.train import UserCallback
 
 
 class RayReporter:
-    """A rank's reporting under Ray Train (see `pipeline.loop.Reporter`)."""
+    """A rank's reporting under Ray Train (see `pipeline.train.loop.Reporter`)."""
 
     def __init__(self, stop_flag=None):
         import ray.train
@@ -53,7 +53,7 @@ class RayReporter:
         return self._stopped
 
     def staging_dir(self, step: int) -> str:
-        from pipeline.checkpoint import staging_dir
+        from pipeline.train.checkpoint import staging_dir
 
         return staging_dir(step, self.rank)  # removed after the report, or by a later sweep if this rank dies
 
@@ -71,12 +71,12 @@ class RayReporter:
 
     @contextlib.contextmanager
     def latest_checkpoint(self):
-        """The newest checkpoint that verifies (pipeline.checkpoint.verify), walking back through the ones Ray
+        """The newest checkpoint that verifies (pipeline.train.checkpoint.verify), walking back through the ones Ray
         registered: a checkpoint corrupted after registration (a truncated shard) is skipped with one warning
         line instead of failing every restart."""
         import ray.train
 
-        from pipeline.checkpoint import verify
+        from pipeline.train.checkpoint import verify
 
         cands = []
         try:
@@ -121,7 +121,7 @@ def train_worker(config: dict) -> None:
 
     import ray.train
     from pipeline.config import Config
-    from pipeline.loop import train
+    from pipeline.train.loop import train
 
     cfg = Config.from_dict(config["cfg"])
     _quiet_report_logs()
@@ -150,15 +150,9 @@ def train_worker(config: dict) -> None:
 def _quiet_report_logs() -> None:
     """Ray Train 2.60 logs every `ray.train.report` at INFO on a logger named after its own file, which
     `LoggingConfig` does not reach; our progress lines already say the same, once and readably."""
-    import logging
+    from pipeline.ray_internals import set_train_report_log_level
 
-    try:
-        from ray.train.v2._internal.execution import context as _ctx
-
-        logging.getLogger(_ctx.__file__).setLevel(
-            os.environ.get("TST_RAY_TRAIN_LOG_LEVEL", "WARNING").upper())
-    except Exception:  # private module moved: only verbosity is lost
-        pass
+    set_train_report_log_level(os.environ.get("TST_RAY_TRAIN_LOG_LEVEL", "WARNING"))
 
 
 class MetricsCallback(UserCallback):
@@ -175,11 +169,11 @@ class MetricsCallback(UserCallback):
 
     def _get_sink(self):
         if self._sink is None:
-            from pipeline.metrics import MetricsSink
+            from pipeline.train.metrics import MetricsSink
 
             tracker = None
             if self.mlflow_run_id:
-                from pipeline.tracking import MlflowTracker
+                from pipeline.report.tracking import MlflowTracker
 
                 tracker = MlflowTracker(self.tracking_uri, "", "", run_id=self.mlflow_run_id)
             self._sink = MetricsSink(self.run_dir, self.total_steps, tracker=tracker, console=self.console)
@@ -206,7 +200,7 @@ class MetricsCallback(UserCallback):
 
 
 def stop_flag_actor():
-    """A tiny actor the driver sets on SIGTERM and rank 0 polls (pipeline.loop: checkpoint, then leave)."""
+    """A tiny actor the driver sets on SIGTERM and rank 0 polls (pipeline.train.loop: checkpoint, then leave)."""
     import ray
 
     @ray.remote(num_cpus=0)
@@ -235,9 +229,9 @@ def build_trainer(cfg, *, source, vocab_size: int, tokenizer_json: Optional[str]
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.quiet import ray_train_env
+    from pipeline.ray_env import ray_train_env
 
-    ray_train_env()  # a worker's print is one console line, not two (pipeline/quiet.py)
+    ray_train_env()  # a worker's print is one console line, not two (pipeline/ray_env.py)
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker, **(sc.worker_resources or {})}
     if sc.use_gpu:
@@ -281,7 +275,7 @@ def ensure_ray(cfg) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        from pipeline.quiet import free_port, local_ray_env
+        from pipeline.ray_env import free_port, local_ray_env
 
         # The dashboard also serves the state API that Ray Train's placement-group cleaner polls; its port is
         # exported (RAY_API_SERVER_ADDRESS) so the cleaner asks this cluster, not another Ray on the machine.

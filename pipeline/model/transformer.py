@@ -18,7 +18,7 @@ Parameter names follow Meta's Llama reference (tok_embeddings, layers.{i}.attent
 `HF_NAME_MAP` gives the Hugging Face name of each.
 
 Mixture-of-Experts (`model.num_experts > 0`): the model is then Hugging Face `Qwen3MoeForCausalLM` parameter for
-parameter instead: every `model.moe_every`-th layer's MLP is the MoE block of `pipeline/moe.py` (router, top-k
+parameter instead: every `model.moe_every`-th layer's MLP is the MoE block of `pipeline/model/moe.py` (router, top-k
 softmax renormalised, SwiGLU experts, no shared expert, dropless), and attention has Qwen3's QK-norm (an RMSNorm
 over each head's query and key, before RoPE). QK-norm is a flag of its own (`model.qk_norm`): on for the MoE
 presets because Qwen3-MoE (and OLMoE) have it and export must be a renaming; off for the dense presets because
@@ -261,7 +261,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # HF post_attention_layernorm
         self.is_moe = is_moe_layer(cfg, layer)
         if self.is_moe:
-            from pipeline.moe import MoEFeedForward
+            from pipeline.model.moe import MoEFeedForward
 
             self.feed_forward = MoEFeedForward(cfg)
         else:
@@ -329,7 +329,7 @@ class Transformer(nn.Module):
         counts used for the fractions). Like `slot_counts` for the LM loss, the caller makes the aux loss a
         global-batch quantity: `router_counts_reduce` maps this forward's (n_moe, E) counts to their sum over ranks
         (an all-reduce; called once, after the last layer) and `router_tokens` is the global number of routed
-        positions in the step; then the shares of every rank and micro-batch add up (pipeline/moe.py).
+        positions in the step; then the shares of every rank and micro-batch add up (pipeline/model/moe.py).
         `router_counts` ((n_moe, E), no reduce then) gives the step's counts over ALL ranks and micro-batches
         instead, from a routing pre-pass: `router_counts_only=True` (under torch.no_grad) runs the embedding and the
         layers only and returns this forward's (n_moe, E) counts: no final norm, LM head or loss."""
@@ -366,7 +366,7 @@ class Transformer(nn.Module):
         )
         if not (router_stats and self.training):
             return lm  # dense, or evaluation: the next-(bag) loss alone
-        from pipeline.moe import moe_losses
+        from pipeline.model.moe import moe_losses
 
         counts = torch.stack([c for c, _, _ in router_stats])  # (n_moe, E) this forward's assignments
         if router_counts is not None:

@@ -18,7 +18,8 @@ _SECTIONS = {"ModelConfig": "model", "DataConfig": "data", "TrainConfig": "train
              "RunConfig": "run"}
 _FIELD = re.compile(r"^    (\w+): [^=#]+?(?:\s*=.*?)?(?:  # (.*))?$")
 
-DEFAULT_RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "tiny.yaml")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # pipeline/cli/help.py -> repo
+DEFAULT_RECIPE = os.path.join(REPO_ROOT, "recipes", "tiny.yaml")
 
 
 def default_recipe() -> Optional[str]:

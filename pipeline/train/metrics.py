@@ -100,7 +100,7 @@ def _jsonable(d: dict) -> dict:
 class MetricsSink:
     """Console + JSON Lines + (optionally) MLflow, written from one process.
 
-    `tracker` is a `pipeline.tracking.MlflowTracker` or None. Console lines go to stdout (flushed: under Ray
+    `tracker` is a `pipeline.report.tracking.MlflowTracker` or None. Console lines go to stdout (flushed: under Ray
     the controller's stdout is streamed to the driver and to `ray job logs`).
     """
 

@@ -52,6 +52,8 @@ import logging
 import os
 import socket
 
+from pipeline import ray_internals
+
 RAY_DATA_LOGGING_YAML = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ray_data_logging.yaml")
 
 # Ray Data notices that only describe a choice we made on purpose (see the module docstring).
@@ -104,36 +106,10 @@ def local_ray_env(dashboard_port: int) -> dict[str, str]:
         if k not in os.environ or os.environ[k] == _SET_BY_US.get(k):  # ours from an earlier ray.init: renew
             os.environ[k] = _SET_BY_US[k] = set_now[k] = v
     if "RAY_AUTH_MODE" in set_now:
-        _refresh_ray_config()
+        ray_internals.refresh_ray_config()
     if "RAY_DATA_LOGGING_CONFIG" in set_now:
-        _reconfigure_ray_data_logging()
+        ray_internals.reconfigure_ray_data_logging()
     return set_now
-
-
-def _refresh_ray_config() -> None:
-    """Ray caches its config (RAY_AUTH_MODE among it) when imported; re-read it, as Ray itself does when it turns
-    token auth on by default (`authentication_token_setup._enable_token_auth`)."""
-    try:
-        from ray._raylet import Config
-
-        Config.initialize("")
-    except Exception:  # noqa: BLE001 - then ray.init sees the mode it read at import
-        pass
-
-
-def _reconfigure_ray_data_logging() -> None:
-    """Ray Data reads RAY_DATA_LOGGING_CONFIG when `ray.data` is imported; if it already was in this process,
-    apply the config again (a private function of Ray Data: when it moves, only the driver's console is louder)."""
-    import sys
-
-    if "ray.data" not in sys.modules:
-        return
-    try:
-        from ray.data._internal.logging import configure_logging
-
-        configure_logging()
-    except Exception:  # noqa: BLE001
-        pass
 
 
 def ray_train_env() -> None:

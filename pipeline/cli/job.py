@@ -15,7 +15,7 @@ The uploaded working directory is put first on PYTHONPATH of the job driver and 
 that runs is the code you submitted; the project installed on the nodes (cluster.yaml's setup commands) supplies
 the `tst` entry point and the dependencies.
 
-    python -m pipeline.job --tracking-uri http://127.0.0.1:5000     # prints the JSON
+    python -m pipeline.cli.job --tracking-uri http://127.0.0.1:5000     # prints the JSON
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def runtime_env(tracking_uri: Optional[str] = None, env: Optional[dict] = None,
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m pipeline.job",
+        prog="python -m pipeline.cli.job",
         description="Print the runtime env JSON for `ray job submit --runtime-env-json ... -- tst train ...`")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for the job (MLFLOW_TRACKING_URI)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra env var (repeatable)")

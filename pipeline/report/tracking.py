@@ -142,7 +142,7 @@ def run_params(cfg) -> dict[str, Any]:
 
 def model_params(cfg, vocab_size: Optional[int]) -> dict[str, Any]:
     """model.* as the run builds them (the preset's values where the config says None)."""
-    from pipeline.model import resolve_model_config
+    from pipeline.model.transformer import resolve_model_config
 
     m = resolve_model_config(cfg.model, vocab_size)
     return {f"model.{k}": v for k, v in dataclasses.asdict(m).items()}

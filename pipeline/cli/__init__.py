@@ -1,8 +1,10 @@
 """The `tst` command line: one entry point, one subcommand per job.
 
-Each subcommand lives in the module that owns the work and exposes `register(subparsers)`, which adds its
-parser and sets `func=` to a callable taking the parsed args and returning an exit code. Modules are imported
-lazily, so `tst --help` and the Ray-free commands start without importing Ray or MLflow.
+One module per command group (pipeline/cli/train.py, data.py, export.py, ...; `tst tune` in tune/cli.py), each
+exposing `register(subparsers)`, which adds its parser and sets `func=` to a callable taking the parsed args and
+returning an exit code. The command modules import their heavy dependencies (Ray, MLflow, torch) inside the
+command, so `tst --help` and the Ray-free commands start fast. A command module that fails to import is an
+error, not a missing subcommand.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import sys
 
 # (subcommand names, module that registers them)
 COMMAND_MODULES = [
-    "pipeline.train_cli",  # tst train, tst demo
-    "pipeline.data_cli",  # tst data inspect, tst tokenizer train, tst data build-corpus
-    "pipeline.export_cli",  # tst export, tst generate
+    "pipeline.cli.train",  # tst train, tst demo
+    "pipeline.cli.data",  # tst data inspect, tst tokenizer train, tst data build-corpus
+    "pipeline.cli.export",  # tst export, tst generate
     "pipeline.compare",  # tst compare
     "tune.cli",  # tst tune
 ]
@@ -28,21 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod_name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(mod_name)
-        except ModuleNotFoundError as e:
-            if e.name == mod_name:  # not built yet in this checkout
-                continue
-            raise
-        mod.register(sub)
+        importlib.import_module(mod_name).register(sub)  # an import error here is a broken install: let it show
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from pipeline.config import ConfigError
-    from pipeline.quiet import console_defaults
+    from pipeline.ray_env import console_defaults
 
-    console_defaults()  # before anything imports Ray Data or MLflow (pipeline/quiet.py says which line and why)
+    console_defaults()  # before anything imports Ray Data or MLflow (pipeline/ray_env.py says which line and why)
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -6,7 +6,7 @@ import argparse
 import os
 
 from pipeline.config import Config, ConfigError, load_config
-from pipeline.config_help import DEFAULT_RECIPE, default_recipe, describe_keys
+from pipeline.cli.help import DEFAULT_RECIPE, default_recipe, describe_keys
 
 TRAIN_EPILOG = """\
 Overrides are dotted config keys, e.g.:
@@ -121,7 +121,7 @@ def cmd_demo(args) -> int:
     verdict = "TST lower" if diff > 0 else "baseline lower"
     print(f"equal-step difference (baseline - TST): {diff:+.4f} nats ({verdict}). At this tiny scale the paper "
           f"promises nothing; see README 'Results' for what we measured.")
-    from pipeline.tracking import mlflow_command
+    from pipeline.report.tracking import mlflow_command
 
     print(f"Browse both runs: {mlflow_command()} ui --backend-store-uri {runs['tst'].get('tracking_uri', '')}")
     return 0

@@ -1,7 +1,7 @@
 """The two-phase TST training loop, runnable and tested without Ray.
 
 One function, `train()`, runs a whole run (or its remainder after a resume) on one rank. The Ray layer
-(`pipeline.ray_train`) calls the very same function inside each `TorchTrainer` worker; it only supplies a
+(`pipeline.train.ray_train`) calls the very same function inside each `TorchTrainer` worker; it only supplies a
 different `Reporter` (where metrics and checkpoints go) and an initialised process group.
 
 A step (paper, Listing 1, with equal FLOPs per step in both phases):
@@ -30,9 +30,9 @@ from typing import Iterator, Optional, Protocol
 import torch
 import torch.distributed as dist
 
-from pipeline.checkpoint import CHECKPOINT_FORMAT
+from pipeline.train.checkpoint import CHECKPOINT_FORMAT
 from pipeline.config import Config
-from pipeline.metrics import StepTimer, peak_flops_for
+from pipeline.train.metrics import StepTimer, peak_flops_for
 
 PHASES = ("superposition", "recovery")
 
@@ -71,7 +71,7 @@ def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
 
 def build_model(cfg: Config, vocab_size: int, device: torch.device):
     """The plain model, initialised identically on every rank from the run's seed."""
-    from pipeline.model import Transformer, resolve_model_config
+    from pipeline.model.transformer import Transformer, resolve_model_config
 
     mcfg = resolve_model_config(cfg.model, vocab_size)
     torch.manual_seed(cfg.train.seed)
@@ -144,7 +144,7 @@ class Trainer:
         self.dtype = resolve_dtype(cfg, self.device)
         model, self.model_cfg = build_model(cfg, vocab_size, self.device)
         self.flops_per_position = model.flops_per_position(cfg.data.seq_len)  # design notes' FLOP count
-        from pipeline.parallel import parallelize
+        from pipeline.train.parallel import parallelize
 
         use_fsdp = self.distributed
         self.autocast = self.dtype != torch.float32 and not use_fsdp
@@ -201,7 +201,7 @@ class Trainer:
         }
 
     def save(self, metrics: Optional[dict]) -> None:
-        from pipeline.checkpoint import save_checkpoint
+        from pipeline.train.checkpoint import save_checkpoint
 
         staging = self.reporter.staging_dir(self.state.step)
         save_checkpoint(staging, self.model, self.optimizer, self.meta(), self.rank, self.tokenizer_path)
@@ -210,7 +210,7 @@ class Trainer:
         self.reporter.report(metrics, staging, self.state.step)
 
     def maybe_resume(self) -> None:
-        from pipeline.checkpoint import check_resume, load_checkpoint, read_meta, restore_rng
+        from pipeline.train.checkpoint import check_resume, load_checkpoint, read_meta, restore_rng
 
         with self.reporter.latest_checkpoint() as path:
             if path is None:
@@ -269,7 +269,7 @@ class Trainer:
         """The routing pre-pass of an MoE step with gradient accumulation (train.moe_aux_prepass): a no-grad
         forward of this rank's micro-batches, as the step will run them, up to the last layer; returns the expert
         counts (n_moe, E) summed over them and over ranks, so the load-balancing loss's token fractions are the
-        global batch's before any micro-batch's backward (pipeline/moe.py)."""
+        global batch's before any micro-batch's backward (pipeline/model/moe.py)."""
         counts = 0
         for m in range(n_micro):
             with self._autocast():
@@ -290,13 +290,13 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
         moe_kw, moe_sums, step_counts = {}, None, None
         n_micro = self.n_micro  # the same on every rank; this rank's last micro-batch may be shorter
-        if self.moe:  # the aux loss over the global batch, like slot_counts (pipeline/moe.py)
+        if self.moe:  # the aux loss over the global batch, like slot_counts (pipeline/model/moe.py)
             moe_kw = dict(router_counts_reduce=_all_reduce, router_tokens=float(self.cfg.train.global_batch_size * L))
             moe_sums = [torch.zeros((), device=self.device), torch.zeros((), device=self.device), 0.0]  # aux, z, counts
             if n_micro > 1 and self.cfg.train.moe_aux_prepass:  # every rank has the same n_micro: all or none
                 step_counts = self._router_counts(inputs, n_micro)  # (n_moe, E) over ranks and micro-batches
                 moe_kw = dict(router_counts=step_counts, router_tokens=moe_kw["router_tokens"])
-        from pipeline.parallel import clip_grad_norm, set_gradient_sync
+        from pipeline.train.parallel import clip_grad_norm, set_gradient_sync
 
         for m in range(n_micro):
             sl = slice(m * self.micro, (m + 1) * self.micro)
@@ -547,7 +547,7 @@ class LocalReporter:
         return STOP["requested"]
 
     def __init__(self, run_dir: str, sink, keep: int = 3, resume: bool = True):
-        from pipeline.checkpoint import LocalCheckpointManager
+        from pipeline.train.checkpoint import LocalCheckpointManager
 
         self.ckpts = LocalCheckpointManager(run_dir, keep)
         self.sink = sink
