@@ -209,11 +209,46 @@ def test_param_counts_match_formula(preset):
     non_emb, emb = _formula(c)
     assert m.num_params(exclude_embedding=True) == non_emb
     assert m.num_params() == non_emb + 2 * emb  # untied
-    assert m.flops_per_position(2048) == 6 * (non_emb + emb) + 6 * c.num_layers * c.hidden_size * 2048
     if preset in PUBLIC:
         want_non_emb, public_vocab, public_total = PUBLIC[preset]
         assert non_emb == want_non_emb
         assert non_emb + public_vocab * c.hidden_size == public_total
+
+
+@pytest.mark.parametrize("shape", [{}, {"num_kv_heads": 4, "qk_norm": True}], ids=["gqa", "mha-qknorm"])
+@pytest.mark.parametrize("L", [16, 40])
+def test_flops_per_position_against_torch_flop_counter(shape, L):
+    """The training FLOPs the model claims (flops_per_position, used for MFU and compare's FLOP axis) against
+    torch.utils.flop_counter counting the matmuls a forward + backward actually runs. How the two relate:
+    - every matmul has its two backward matmuls (all weights and the embedding need gradients): backward = 2 x
+      forward, for the linear layers and the attention alike;
+    - the linear layers (aten.mm, LM head included: the logits path here, whose 3 matmuls are the ones the fused
+      loss runs; FlopCounterMode misses the fused path's in-place addmm_) count 6 x (their parameters) per position;
+    - attention under the math SDPA backend (the CPU flash kernel is not counted by FlopCounterMode) computes
+      the full L x L scores and masks them (aten.bmm); the formula counts the causal half of that;
+    - the formula multiplies all non-embedding parameters by 6, RMSNorm weights too, which run no matmul.
+    So flops_per_position = (mm + bmm / 2) / positions + 6 x (RMSNorm weights), exactly."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.model.transformer import RMSNorm
+    from tst_ops import multi_hot_cross_entropy
+
+    m = tiny(vocab=97, **shape).train()
+    B, s = 2, 3
+    tokens, targets = torch.randint(0, 97, (B, L, s)), torch.randint(0, 97, (B, L, s))
+    with sdpa_kernel(SDPBackend.MATH):
+        with FlopCounterMode(display=False) as fwd:
+            loss = multi_hot_cross_entropy(m(tokens), targets)
+        with FlopCounterMode(display=False) as bwd:
+            loss.backward()
+    f = {str(k): v for k, v in fwd.get_flop_counts()["Global"].items()}
+    b = {str(k): v for k, v in bwd.get_flop_counts()["Global"].items()}
+    assert set(f) == set(b) == {"aten.mm", "aten.bmm"}, (f, b)
+    assert b["aten.mm"] == 2 * f["aten.mm"] and b["aten.bmm"] == 2 * f["aten.bmm"]
+    norms = sum(p.numel() for mod in m.modules() if isinstance(mod, RMSNorm) for p in mod.parameters())
+    counted = f["aten.mm"] + b["aten.mm"] + (f["aten.bmm"] + b["aten.bmm"]) // 2 + 6 * norms * B * L
+    assert m.flops_per_position(L) * B * L == counted
 
 
 def test_preset_totals():
