@@ -44,7 +44,7 @@ T = 12
 
 # -- rules, no Ray ------------------------------------------------------------------------------------------
 def test_grid_merges_baseline_spellings_and_always_has_the_baseline():
-    from tune.search import grid_points, is_baseline, parse_space, point_label
+    from tune.space import grid_points, is_baseline, parse_space, point_label
 
     base = apply_overrides(Config(), TINY)
     flat = base.flatten()
@@ -66,14 +66,14 @@ def test_grid_merges_baseline_spellings_and_always_has_the_baseline():
 
 
 def test_space_refuses_flops_keys_and_bad_values():
-    from tune.search import parse_space
+    from tune.space import parse_space
 
     base = apply_overrides(Config(), TINY)
     for key in ("train.steps", "train.global_batch_size", "data.seq_len", "model.hidden_size"):
         with pytest.raises(ConfigError, match="equal FLOPs"):
             parse_space({key: [1, 2]}, base)
     with pytest.raises(ConfigError, match="switch_fraction"):
-        from tune.search import grid_points
+        from tune.space import grid_points
 
         grid_points(*parse_space({"train.switch_fraction": [0.3, 1.5]}, base), base)
     with pytest.raises(ConfigError, match="unknown config key"):
@@ -84,7 +84,8 @@ def test_space_refuses_flops_keys_and_bad_values():
 
 
 def test_asha_grace_starts_after_the_latest_switch():
-    from tune.search import asha_grace, parse_space
+    from tune.schedule import asha_grace
+    from tune.space import parse_space
 
     base = apply_overrides(Config(), TINY + ["train.steps=200"])
     dims, _ = parse_space({"train.switch_fraction": [0.0, 0.2, 0.4], "data.bag_size": [2, 4]}, base)
@@ -164,7 +165,8 @@ class InterruptAfter(tune.Callback):
 @pytest.fixture(scope="module")
 def grid_search(ray_session, mlflow_server, tmp_path_factory):
     """Baseline + 3 TST trials, interrupted after 2 finished, then restored to the end (run once, shared)."""
-    from tune.search import SearchSpec, run_search
+    from tune.search import run_search
+    from tune.space import SearchSpec
 
     out = tmp_path_factory.mktemp("tune_grid")
     spec = SearchSpec(overrides=TINY + [f"run.output_dir={out}"], name="grid4", mode="grid",

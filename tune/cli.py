@@ -1,4 +1,4 @@
-"""`tst tune`: a Ray Tune search over TST settings (see tune/search.py for the spec and the decisions).
+"""`tst tune`: a Ray Tune search over TST settings (the spec: tune/space.py; the decisions: tune/search.py).
 
 Imports nothing heavy at registration; Ray, MLflow and the trainer load when the command runs.
 """
@@ -79,7 +79,7 @@ def build_spec(args):
     """The SearchSpec from --config (spec or recipe) and the flags; CLI overrides become part of the spec."""
     from pipeline.config import ConfigError
     from pipeline.cli.train import DEFAULT_RECIPE
-    from tune.search import SearchSpec, load_spec, parse_cli_dims
+    from tune.space import SearchSpec, load_spec, parse_cli_dims
 
     path = args.config
     if path and not (set(_load_yaml(path)) <= CONFIG_SECTIONS):
@@ -117,7 +117,8 @@ def build_spec(args):
 
 def resume_spec(args):
     from pipeline.config import ConfigError
-    from tune.search import SearchSpec, search_dir
+    from tune.search import search_dir
+    from tune.space import SearchSpec
 
     out = args.output_dir or "outputs"
     path = os.path.join(search_dir(out, args.resume), "search.json")
