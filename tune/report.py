@@ -19,10 +19,7 @@ import os
 from typing import Any, Optional
 
 from pipeline.config import Config
-
-S_KEY = "data.bag_size"
-R_KEY = "train.switch_fraction"
-W_KEY = "train.loss_weights"
+from tune.space import R_KEY, S_KEY, W_KEY, is_baseline, point_label, trial_label
 
 
 def _finite(v) -> bool:
@@ -40,8 +37,6 @@ def collect_rows(exp_dir: str, base: Config, varying: list[str], points: Optiona
     import logging
 
     from ray.tune import ExperimentAnalysis
-
-    from tune.search import is_baseline, point_label, trial_label
 
     base_flat = base.flatten()
     log = logging.getLogger("ray.tune.analysis.experiment_analysis")
@@ -99,6 +94,16 @@ def collect_rows(exp_dir: str, base: Config, varying: list[str], points: Optiona
                     lines = [x for x in f.read().splitlines() if x.strip()]
                 row["error"] = (lines[-1] if lines else "")[:300]
         rows.append(row)
+    rows += _not_started(rows, search, base_flat, varying, points, expected)
+    rows.sort(key=lambda r: (r.get("placeholder", False), not r["baseline"], r["s"], r["r"],
+                             str([r.get(k) for k in varying])))
+    return rows
+
+
+def _not_started(rows: list[dict], search: Optional[str], base_flat: dict, varying: list[str],
+                 points: Optional[list], expected: Optional[int]) -> list[dict]:
+    """Rows with status `pending` for the grid points Tune has not created yet and the samples not drawn yet."""
+    rows, started = list(rows), len(rows)
     have = {r["label"] for r in rows}
     for p in points or []:  # grid points not created yet
         label = point_label(p, varying, base_flat)
@@ -112,9 +117,7 @@ def collect_rows(exp_dir: str, base: Config, varying: list[str], points: Optiona
         rows.append({"label": f"(sample {len(rows) + 1})", "run_name": "", "trial_id": None, "s": 0, "r": 0.0,
                      "baseline": False, "status": "pending", "last_step": None, "last_val_loss": None,
                      "final_val_loss": None, "run_dir": "", "error": "", "placeholder": True})
-    rows.sort(key=lambda r: (r.get("placeholder", False), not r["baseline"], r["s"], r["r"],
-                             str([r.get(k) for k in varying])))
-    return rows
+    return rows[started:]
 
 
 def _others(varying: list[str]) -> list[str]:
