@@ -290,6 +290,66 @@ def test_mlflow_records_params_metrics_artifacts_and_backfills(shared_out, tmp_p
     from pipeline.report.tracking import MlflowTracker
 
     out = str(tmp_path)
+    # the source's document ids against the tokens themselves: EOS ends its document, so the id changes right
+    # after every EOS and nowhere else
+    eos = load_tokenizer(cfg.data, cfg.run.output_dir).eos_id
+    assert torch.equal(docs[:, 1:] != docs[:, :-1], windows[:, :-1] == eos)
+
+
+def test_mask_doc_boundary_values_on_hand_built_windows(shared_out, tmp_path):
+    """doc_boundary=mask on windows whose document boundary is placed by hand: the exact targets and ignore mask,
+    and the training step's loss against a naive per-slot cross-entropy on those targets."""
+    import torch.nn.functional as F
+
+    from pipeline.train.loop import make_batch
+
+    # s = 2, L = 3: window 10..17 (s*L + s tokens), documents 0 0 0 | 1 1 1 1 1. Bag j holds raw positions 2j, 2j+1
+    # and predicts 2j+2, 2j+3; a target is ignored when its document is not that of bag j's last token (2j+1).
+    # Bag 0 = (10, 11), last token in doc 0: target 12 (doc 0) kept, 13 (doc 1) ignored. Bag 1 = (12, 13) ends in
+    # doc 1: 14, 15 kept. Bag 2 = (14, 15): 16, 17 kept.
+    w = torch.arange(10, 18).view(1, 8)
+    d = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]])
+    inputs, targets = make_batch(w, 2, 3, d)
+    assert inputs.tolist() == [[[10, 11], [12, 13], [14, 15]]]
+    assert targets.tolist() == [[[12, -100], [14, 15], [16, 17]]]
+    assert make_batch(w, 2, 3)[1].tolist() == [[[12, 13], [14, 15], [16, 17]]]  # cross: nothing ignored
+    # the boundary on a bag's edge (docs 0 0 0 0 | 1 ...): bag 1 = (12, 13) ends in doc 0, both its targets are
+    # in doc 1; bag 2 ends in doc 1
+    _, t2 = make_batch(w, 2, 3, torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1]]))
+    assert t2.tolist() == [[[12, 13], [-100, -100], [16, 17]]]
+    # recovery (s = 1, L = 7): only the target right after the last token of document 0 is ignored
+    _, t1 = make_batch(w, 1, 7, d)
+    assert t1[..., 0].tolist() == [[11, 12, -100, 14, 15, 16, 17]]
+
+    # One training step of the real trainer (s = 4, L = 32) on one window with a boundary at raw position 50:
+    # bag 11 (positions 44-47, doc 0) predicts 48-51, of which 50 and 51 are in doc 1: exactly targets
+    # (11, 2) and (11, 3) are ignored, so slots 2 and 3 average 31 bags and slots 0 and 1 all 32.
+    cfg = make_cfg(shared_out, "data.doc_boundary=mask", "data.bag_size=4", "train.switch_fraction=0.5",
+                   "train.steps=4", "train.global_batch_size=1", "scaling.num_workers=1")
+    tok = load_tokenizer(cfg.data, cfg.run.output_dir)
+    src = build_source(cfg, cfg.run.output_dir, mode="local", tokenizer=tok)
+    tr = Trainer(cfg, src, LocalReporter(str(tmp_path), None, resume=False), vocab_size=tok.vocab_size)
+    s, L = 4, 32
+    g = torch.Generator().manual_seed(0)
+    window = torch.randint(0, tok.vocab_size, (1, s * L + s), generator=g)
+    docs = (torch.arange(s * L + s) >= 50).long().view(1, -1) + 7  # documents 7 | 8
+    _, tgt = make_batch(window, s, L, docs)
+    assert (tgt == -100).nonzero().tolist() == [[0, 11, 2], [0, 11, 3]]
+    with torch.no_grad():
+        tr.model.lm_head.weight.mul_(30)  # spread the logits: the targets' losses differ by nats, not by 1e-3
+        # the two targets to be ignored get bag 11's least likely token, so that ignoring them or not moves the
+        # loss by far more than the tolerance (bag 11's logits depend on positions < 48 only: causal)
+        worst = tr.model(window[:, : s * L].view(1, L, s))[0, 11].argmin()
+        window[0, 50:52] = worst
+        logits = tr.model(window[:, : s * L].view(1, L, s)).double()[0]  # (L, V) before the step
+    want = torch.stack([  # Listing 3 with uniform weights: mean over slots of each slot's mean CE
+        F.cross_entropy(logits, window[0, s + i :: s][:L], reduction="none")[[j for j in range(L) if (j, i) not in
+                                                                             {(11, 2), (11, 3)}]].mean()
+        for i in range(s)]).mean()
+    crossed = torch.stack([F.cross_entropy(logits, window[0, s + i :: s][:L]) for i in range(s)]).mean()
+    loss, _ = tr.train_step(0, (window, docs))
+    assert loss == pytest.approx(want.item(), rel=1e-5)
+    assert crossed.item() - want.item() > 1e-2 * want.item()  # so the check above can see the two ignores
     _copy_cache(shared_out, out)
     cfg = make_cfg(shared_out, "run.tracking=true", f"run.output_dir={out}", "train.steps=6", "data.bag_size=2",
                    "train.switch_fraction=0.5")
