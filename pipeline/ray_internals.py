@@ -57,7 +57,10 @@ def set_train_report_log_level(level: str) -> None:
 def set_search_properties_compat(set_search_properties, metric, mode, config, **spec) -> bool:
     """Forward `Searcher.set_search_properties` to a wrapped searcher the way Tune does for its own wrappers
     (`ray.tune.search.util._set_search_properties_backwards_compatible`, which accepts searchers written before
-    the `**spec` argument existed). Falls back to the modern signature if Tune drops the helper."""
+    the `**spec` argument existed). Falls back to the modern signature if Tune drops the helper.
+
+    Used by `tune.schedule.BaselineFirst`, which stays instead of Tune's public `points_to_evaluate` (its
+    docstring says why: checked against Ray 2.60.0 and Optuna 5.0.0)."""
     try:
         from ray.tune.search.util import _set_search_properties_backwards_compatible as compat
     except ImportError:

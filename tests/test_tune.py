@@ -1,7 +1,9 @@
 """`tst tune`: real Ray Tune searches of real training runs, tracked in real MLflow stores.
 
 - Spec, grid and naming rules (no Ray): the baseline's spellings merge into one trial and it is always there,
-  FLOPs-changing keys are refused, the ASHA grace starts after the latest switch.
+  FLOPs-changing keys are refused, the ASHA grace starts after the latest switch; sample mode's searcher
+  suggests the baseline first and keeps it out of Optuna's study; names pickled by searches started before
+  tune/search.py was split still resolve.
 - A 4-trial grid (baseline + 3) on the bundled corpus, interrupted with SIGINT (Ctrl+C) after two trials
   finished, then restored by running the same search again: finished trials are not rerun, the MLflow store
   (SQLite) holds the parent and exactly 4 children with the right params and a finite final validation loss, the
@@ -92,6 +94,51 @@ def test_asha_grace_starts_after_the_latest_switch():
     assert asha_grace(dims, base, 30) == 80 + 30  # switch step of r=0.4 at T=200, then 30 recovery steps
     dims, _ = parse_space({"train.switch_fraction": {"uniform": [0.1, 0.45]}}, base)
     assert asha_grace(dims, base, 0) == 90
+
+
+def test_sample_mode_suggests_the_baseline_first_and_keeps_it_out_of_the_study():
+    """Under the ConcurrencyLimiter that max_concurrent_trials wraps it in: trial 0 is the baseline (s=1, r=0, the
+    base lr), even with s and r one-value choices that exclude it; then Optuna's points, none of them the baseline;
+    the baseline's result never reaches Optuna's study (it is not a point of the space)."""
+    from ray.tune.search import ConcurrencyLimiter
+
+    from tune.schedule import make_searcher
+    from tune.space import SearchSpec, parse_space
+
+    base = apply_overrides(Config(), TINY)
+    space = {"data.bag_size": {"grid": [2]}, "train.switch_fraction": {"grid": [0.25]},
+             "train.lr": {"loguniform": [1e-6, 2e-6]}}
+    dims, _ = parse_space(space, base)
+    searcher = make_searcher(SearchSpec(mode="sample", space=space), dims, base.flatten())
+    told = []  # what the wrapped Optuna searcher is told about finished trials
+    optuna_complete = searcher.searcher.on_trial_complete
+    searcher.searcher.on_trial_complete = lambda tid, **kw: (told.append(tid), optuna_complete(tid, **kw))
+    limited = ConcurrencyLimiter(searcher, max_concurrent=1)
+    assert limited.set_search_properties("val_loss", "min", {"trial": {"overrides": {d.key: d.domain()
+                                                                                    for d in dims}}})
+    first = limited.suggest("t_00000")["trial"]
+    assert first == {"overrides": {"data.bag_size": 1, "train.switch_fraction": 0.0, "train.lr": 3e-3},
+                     "baseline": True}
+    assert limited.suggest("t_00001") is None  # max_concurrent=1: nothing more until the baseline ends
+    limited.on_trial_complete("t_00000", {"val_loss": 5.0})
+    for i in range(1, 4):
+        ov = limited.suggest(f"t_{i:05d}")["trial"]["overrides"]
+        assert ov["data.bag_size"] == 2 and ov["train.switch_fraction"] == 0.25 and 1e-6 <= ov["train.lr"] <= 2e-6
+        limited.on_trial_complete(f"t_{i:05d}", {"val_loss": 6.0})
+    assert told == ["t_00001", "t_00002", "t_00003"]
+
+
+def test_names_pickled_by_searches_from_before_the_split_still_resolve():
+    """Searches started before tune/search.py was split pickled `tune.search.<name>` (tuner.pkl: scheduler,
+    search algorithm, trial name creators, callbacks; experiment_state: trial_dirname): restoring one, or reading
+    its trials for the table, unpickles these."""
+    import pickle
+
+    from tune import schedule, search, space, trial
+
+    for name, where in (("trial_dirname", space), ("BaselineFirst", schedule), ("BaselineKeepingASHA", schedule),
+                        ("tst_trial", trial), ("Progress", search)):
+        assert pickle.loads(f"ctune.search\n{name}\n.".encode()) is getattr(where, name)
 
 
 def test_cli_builds_the_spec_from_flags(tmp_path):

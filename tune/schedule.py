@@ -36,9 +36,23 @@ def make_searcher(spec: SearchSpec, dims: list[Dim], base_flat: dict) -> "Baseli
 
 class BaselineFirst(Searcher):
     """Sample mode: the first trial is always the baseline (s=1, r=0, the base values of the other searched keys),
-    the others come from the wrapped search algorithm. The baseline is outside the sampled space (Optuna refuses
-    an enqueued s=1 that is not among its choices), so its result is not fed to the algorithm. A wrapper with a
-    `searcher` attribute and get_state/set_state, like Tune's ConcurrencyLimiter, so Tune saves and restores it."""
+    the others come from the wrapped search algorithm. The baseline is outside the sampled space, so its result is
+    not fed to the algorithm. A wrapper with a `searcher` attribute and get_state/set_state, like Tune's
+    ConcurrencyLimiter, so Tune saves and restores it (and `max_concurrent_trials` wraps it in one).
+
+    Why not Tune's own `OptunaSearch(points_to_evaluate=[baseline])` (checked against Ray 2.60.0, Optuna 5.0.0):
+    it does suggest the point first (Optuna's `enqueue_trial`; ConcurrencyLimiter keeps the order), but
+    - a baseline outside a categorical dimension is refused: with `data.bag_size: {grid: [2]}` (as in
+      tests/test_tune.py's sample search) `suggest` raises `ValueError: '1' not in (2,)`, because Optuna's
+      `CategoricalDistribution.to_internal_repr` has no index for s=1;
+    - outside a numeric range (s=1 under `randint: [2, 8]`, r=0 under `uniform: [0.1, 0.5]`) Optuna only warns
+      and then tells TPE the baseline's result, so the baseline, which is not a point of the space, shapes the
+      samples: with TPE seed 0 and the same losses, the first 9 sampled points were the same and the 10th to
+      13th differed (counting the baseline, TPE ends its 10 random startup trials one trial early, and its model
+      then includes the baseline's loss);
+    - the suggested config holds only the searched keys, not our `baseline: True` marker.
+    `BasicVariantGenerator(points_to_evaluate=...)` would take the point as given, but it is Tune's random search,
+    not Optuna's (other samples for the same seed), and there is no TPE behind it."""
 
     def __init__(self, searcher: Searcher, baseline: dict):
         self.searcher = searcher

@@ -13,7 +13,8 @@ Decisions
 - The baseline: s = 1 with any r, and r = 0 with any s, are the same run (no superposition step). Grid mode
   canonicalises all of them to one trial (s=1, r=0), shown in the table's s=1 row and r=0 column, and the
   baseline is always added (once per combination of the other searched keys, e.g. per lr). Sample mode puts
-  the baseline first (`tune.schedule.BaselineFirst` wraps the search algorithm).
+  the baseline first (`tune.schedule.BaselineFirst` wraps the search algorithm; it says why not Tune's
+  `points_to_evaluate`).
 - Objective: `val_loss`, the final next-token loss on the held-out windows (evaluated at the last step of
   every run), minimised.
 - Early stopping (`scheduler: asha`): ASHA compares trials on `val_loss` only, reported only at evaluation
