@@ -290,6 +290,50 @@ def test_mlflow_records_params_metrics_artifacts_and_backfills(shared_out, tmp_p
     from pipeline.report.tracking import MlflowTracker
 
     out = str(tmp_path)
+    _copy_cache(shared_out, out)
+    cfg = make_cfg(shared_out, "run.tracking=true", f"run.output_dir={out}", "train.steps=6", "data.bag_size=2",
+                   "train.switch_fraction=0.5")
+    summary = run_training(cfg, use_ray=False, name="tracked", console=False)
+    uri = summary["tracking_uri"]
+    assert uri == "sqlite:///" + os.path.join(out, "mlflow.db")
+    client = MlflowClient(uri)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    p = run.data.params
+    assert p["train.switch_fraction"] == "0.5" and p["data.bag_size"] == "2" and p["train.steps"] == "6"
+    assert run.data.tags["tst.world_size"] == "1" and len(run.data.tags["tst.git_commit"]) >= 7
+    val = client.get_metric_history(run.info.run_id, "val_loss")
+    assert [m.step for m in val] == [3, 5, 6] and all(m.value == m.value for m in val)
+    sup = client.get_metric_history(run.info.run_id, "train_loss_superposition")
+    assert [m.step for m in sup] == [1, 2, 3]
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"loss_curve.png", "config.yaml"} <= arts
+    # what the data did: the store's counts in summary.json and MLflow (300 records of builtin:wiki, none skipped)
+    d = summary["data"]
+    assert d["records"] == 300 and d["documents"] + d["val_documents"] == 300 and d["skipped"]["empty"] == 0
+    m = run.data.metrics
+    assert m["data_documents"] == d["documents"] and m["data_train_tokens"] == d["train_tokens"]
+    assert m["data_skipped_malformed_json"] == 0 and m["data_nul_documents"] == 0
+    assert run.data.tags["tst.data_store"] == d["store"]
+    # a server that was away: records only in metrics.jsonl are back-filled, once
+    history = JsonlWriter(os.path.join(out, "runs", "tracked", "metrics.jsonl")).read()
+    fresh = MlflowTracker(uri, "tst", "copy")
+    assert fresh.backfill(history) == 6 and fresh.backfill(history) == 0
+    assert [m.step for m in client.get_metric_history(fresh.run_id, "train_loss")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_mask_doc_boundary_mode_trains(shared_out, tmp_path):
+    """doc_boundary=mask: sources hand (windows, doc_ids); targets across a document boundary are ignored."""
+    from pipeline.train.loop import make_batch
+
+    cfg = make_cfg(shared_out, "data.doc_boundary=mask", "data.bag_size=4", "train.switch_fraction=0.5",
+                   "train.steps=4", "train.eval_every=2")
+    summary, recs, tr = run_local(cfg, str(tmp_path))
+    assert summary["status"] == "finished" and all(r["train_loss"] == r["train_loss"] for r in recs)
+    windows, docs = tr.source.step_windows(0, 0, 1)
+    _, masked = make_batch(windows, 4, 32, docs)
+    _, crossed = make_batch(windows, 4, 32)
+    assert (masked == -100).sum() > (crossed == -100).sum()  # some next-bag targets lay in the next document
     # the source's document ids against the tokens themselves: EOS ends its document, so the id changes right
     # after every EOS and nowhere else
     eos = load_tokenizer(cfg.data, cfg.run.output_dir).eos_id
@@ -350,47 +394,3 @@ def test_mask_doc_boundary_values_on_hand_built_windows(shared_out, tmp_path):
     loss, _ = tr.train_step(0, (window, docs))
     assert loss == pytest.approx(want.item(), rel=1e-5)
     assert crossed.item() - want.item() > 1e-2 * want.item()  # so the check above can see the two ignores
-    _copy_cache(shared_out, out)
-    cfg = make_cfg(shared_out, "run.tracking=true", f"run.output_dir={out}", "train.steps=6", "data.bag_size=2",
-                   "train.switch_fraction=0.5")
-    summary = run_training(cfg, use_ray=False, name="tracked", console=False)
-    uri = summary["tracking_uri"]
-    assert uri == "sqlite:///" + os.path.join(out, "mlflow.db")
-    client = MlflowClient(uri)
-    run = client.get_run(summary["mlflow_run_id"])
-    assert run.info.status == "FINISHED"
-    p = run.data.params
-    assert p["train.switch_fraction"] == "0.5" and p["data.bag_size"] == "2" and p["train.steps"] == "6"
-    assert run.data.tags["tst.world_size"] == "1" and len(run.data.tags["tst.git_commit"]) >= 7
-    val = client.get_metric_history(run.info.run_id, "val_loss")
-    assert [m.step for m in val] == [3, 5, 6] and all(m.value == m.value for m in val)
-    sup = client.get_metric_history(run.info.run_id, "train_loss_superposition")
-    assert [m.step for m in sup] == [1, 2, 3]
-    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"loss_curve.png", "config.yaml"} <= arts
-    # what the data did: the store's counts in summary.json and MLflow (300 records of builtin:wiki, none skipped)
-    d = summary["data"]
-    assert d["records"] == 300 and d["documents"] + d["val_documents"] == 300 and d["skipped"]["empty"] == 0
-    m = run.data.metrics
-    assert m["data_documents"] == d["documents"] and m["data_train_tokens"] == d["train_tokens"]
-    assert m["data_skipped_malformed_json"] == 0 and m["data_nul_documents"] == 0
-    assert run.data.tags["tst.data_store"] == d["store"]
-    # a server that was away: records only in metrics.jsonl are back-filled, once
-    history = JsonlWriter(os.path.join(out, "runs", "tracked", "metrics.jsonl")).read()
-    fresh = MlflowTracker(uri, "tst", "copy")
-    assert fresh.backfill(history) == 6 and fresh.backfill(history) == 0
-    assert [m.step for m in client.get_metric_history(fresh.run_id, "train_loss")] == [1, 2, 3, 4, 5, 6]
-
-
-def test_mask_doc_boundary_mode_trains(shared_out, tmp_path):
-    """doc_boundary=mask: sources hand (windows, doc_ids); targets across a document boundary are ignored."""
-    from pipeline.train.loop import make_batch
-
-    cfg = make_cfg(shared_out, "data.doc_boundary=mask", "data.bag_size=4", "train.switch_fraction=0.5",
-                   "train.steps=4", "train.eval_every=2")
-    summary, recs, tr = run_local(cfg, str(tmp_path))
-    assert summary["status"] == "finished" and all(r["train_loss"] == r["train_loss"] for r in recs)
-    windows, docs = tr.source.step_windows(0, 0, 1)
-    _, masked = make_batch(windows, 4, 32, docs)
-    _, crossed = make_batch(windows, 4, 32)
-    assert (masked == -100).sum() > (crossed == -100).sum()  # some next-bag targets lay in the next document
