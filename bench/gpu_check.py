@@ -677,7 +677,7 @@ def section_train(ctx: dict) -> dict:
 # Section: compare
 # ---------------------------------------------------------------------------------------------------------------
 def _curves(run: dict, name: str, r: float, s: int):
-    from pipeline.compare import RunCurves
+    from pipeline.report.curves import RunCurves
 
     metrics: dict[str, list] = {}
     for rec in run["records"]:
@@ -691,7 +691,7 @@ def _curves(run: dict, name: str, r: float, s: int):
 
 
 def section_compare(ctx: dict) -> dict:
-    from pipeline.compare import compute_comparison
+    from pipeline.report.curves import compute_comparison
 
     p, args = ctx["p"], ctx["args"]
     steps = args.compare_steps or p["cmp_steps"]

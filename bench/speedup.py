@@ -648,7 +648,7 @@ def run_speedup(setting: str = "cpu", *, bag_size: int = 6, switch_fraction: flo
     with open(os.path.join(res_dir, "speedup.md"), "w") as f:
         f.write(md + "\n")
     say("")
-    from pipeline.compare import format_table
+    from pipeline.report.curves import format_table
 
     say(format_table(res))
     say("")
@@ -665,7 +665,7 @@ def _slim(s: dict) -> dict:
 
 def compare(out: str, plan: dict, res_dir: str, cfg) -> dict:
     """compare_runs over the run folders, params set from the plan (no yaml needed), PNG when matplotlib is there."""
-    from pipeline.compare import compare_runs, read_run_folder
+    from pipeline.report.curves import compare_runs, read_run_folder
 
     def load(name: str, steps: int, s: int, r: float):
         rc = read_run_folder(os.path.join(out, "runs", name))

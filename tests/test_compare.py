@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from pipeline import compare as C
+from pipeline.report import curves as C
 from pipeline.errors import TSTError
 
 A, OFF = 1000.0, 3.0
