@@ -677,7 +677,7 @@ def section_train(ctx: dict) -> dict:
 # Section: compare
 # ---------------------------------------------------------------------------------------------------------------
 def _curves(run: dict, name: str, r: float, s: int):
-    from pipeline.report.curves import RunCurves
+    from pipeline.report.runs import RunCurves
 
     metrics: dict[str, list] = {}
     for rec in run["records"]:

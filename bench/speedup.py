@@ -665,7 +665,8 @@ def _slim(s: dict) -> dict:
 
 def compare(out: str, plan: dict, res_dir: str, cfg) -> dict:
     """compare_runs over the run folders, params set from the plan (no yaml needed), PNG when matplotlib is there."""
-    from pipeline.report.curves import compare_runs, read_run_folder
+    from pipeline.report.compare import compare_runs
+    from pipeline.report.runs import read_run_folder
 
     def load(name: str, steps: int, s: int, r: float):
         rc = read_run_folder(os.path.join(out, "runs", name))

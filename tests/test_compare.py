@@ -11,7 +11,10 @@ import math
 
 import pytest
 
-from pipeline.report import curves as C
+from pipeline.report.compare import compare_runs
+from pipeline.report.curves import (compute_comparison, equal_step_difference, fmt_ratio, format_table,
+                                    iso_loss_all_axes, iso_loss_speedup)
+from pipeline.report.runs import RunCurves, read_mlflow_run, read_run_folder
 from pipeline.errors import TSTError
 
 A, OFF = 1000.0, 3.0
@@ -32,61 +35,61 @@ BASE_LOSSES = [base_loss(s) for s in BASE_STEPS]
 
 def test_iso_loss_interpolates_first_crossing_exactly():
     # target 4.8 lies between step 500 (5.0) and step 600 (4.6667): frac = 0.2 / (1/3) = 0.6 -> step 560
-    r = C.iso_loss_speedup(BASE_STEPS, BASE_LOSSES, 4.8, 400)
+    r = iso_loss_speedup(BASE_STEPS, BASE_LOSSES, 4.8, 400)
     assert r.needed == pytest.approx(560.0, abs=1e-9)
     assert r.ratio == pytest.approx(1.4, abs=1e-12)
     assert not r.lower_bound and not r.upper_bound and r.reached
-    assert C.fmt_ratio(r) == "1.40x"
+    assert fmt_ratio(r) == "1.40x"
     # a target exactly on an evaluation: that step
-    r = C.iso_loss_speedup(BASE_STEPS, BASE_LOSSES, 5.0, 250)
+    r = iso_loss_speedup(BASE_STEPS, BASE_LOSSES, 5.0, 250)
     assert r.needed == pytest.approx(500.0) and r.ratio == pytest.approx(2.0)
 
 
 def test_iso_loss_first_crossing_of_a_non_monotone_curve():
     steps = [100, 200, 300, 400]
     losses = [5.0, 3.0, 4.0, 2.0]  # reaches 3.5 first between 100 and 200
-    r = C.iso_loss_speedup(steps, losses, 3.5, 100)
+    r = iso_loss_speedup(steps, losses, 3.5, 100)
     assert r.needed == pytest.approx(175.0) and r.ratio == pytest.approx(1.75)
 
 
 def test_iso_loss_never_reached_is_a_lower_bound():
     # the baseline ends at 4.0 (step 1000): TST's 3.9 is never reached -> >= 1000 / 400
-    r = C.iso_loss_speedup(BASE_STEPS, BASE_LOSSES, 3.9, 400)
+    r = iso_loss_speedup(BASE_STEPS, BASE_LOSSES, 3.9, 400)
     assert r.lower_bound and not r.reached and not r.upper_bound
     assert r.needed == 1000.0
     assert r.ratio == pytest.approx(2.5)
-    assert C.fmt_ratio(r) == "≥ 2.50x"
+    assert fmt_ratio(r) == "≥ 2.50x"
 
 
 def test_iso_loss_already_below_at_first_eval_is_an_upper_bound():
-    r = C.iso_loss_speedup(BASE_STEPS, BASE_LOSSES, 20.0, 400)
+    r = iso_loss_speedup(BASE_STEPS, BASE_LOSSES, 20.0, 400)
     assert r.upper_bound and not r.lower_bound
     assert r.needed == 100.0 and r.ratio == pytest.approx(0.25)
-    assert C.fmt_ratio(r) == "≤ 0.25x"
+    assert fmt_ratio(r) == "≤ 0.25x"
 
 
 def test_iso_loss_wall_clock_and_flops_share_the_crossing():
     base_el = [0.5 * s for s in BASE_STEPS]  # 0.5 s a step
     base_fl = [2e9 * s for s in BASE_STEPS]
-    out = C.iso_loss_all_axes(BASE_STEPS, BASE_LOSSES, 4.8, 400, base_el, 0.6 * 400, base_fl, 2e9 * 400)
+    out = iso_loss_all_axes(BASE_STEPS, BASE_LOSSES, 4.8, 400, base_el, 0.6 * 400, base_fl, 2e9 * 400)
     assert out["steps"].needed == pytest.approx(560.0)
     assert out["wall_clock"].needed == pytest.approx(280.0)
     assert out["wall_clock"].ratio == pytest.approx(280.0 / 240.0)
     assert out["flops"].needed == pytest.approx(2e9 * 560)
     assert out["flops"].ratio == pytest.approx(1.4)
     # missing elapsed: no ratio, but the bound flags follow the steps axis
-    out = C.iso_loss_all_axes(BASE_STEPS, BASE_LOSSES, 3.9, 400, None, 240.0, None, None)
+    out = iso_loss_all_axes(BASE_STEPS, BASE_LOSSES, 3.9, 400, None, 240.0, None, None)
     assert out["wall_clock"].ratio is None and out["wall_clock"].lower_bound
     assert out["steps"].ratio == pytest.approx(2.5)
 
 
 def test_equal_step_difference():
     # baseline at 400 is 5.5; TST 4.8 -> +0.7 nats (TST better)
-    assert C.equal_step_difference(BASE_STEPS, BASE_LOSSES, 400, 4.8) == pytest.approx(0.7)
+    assert equal_step_difference(BASE_STEPS, BASE_LOSSES, 400, 4.8) == pytest.approx(0.7)
     # between evaluations: 450 -> (5.5 + 5.0) / 2 = 5.25
-    assert C.equal_step_difference(BASE_STEPS, BASE_LOSSES, 450, 5.5) == pytest.approx(-0.25)
+    assert equal_step_difference(BASE_STEPS, BASE_LOSSES, 450, 5.5) == pytest.approx(-0.25)
     # beyond the baseline's last evaluation: not defined
-    assert C.equal_step_difference(BASE_STEPS, BASE_LOSSES, 1200, 3.5) is None
+    assert equal_step_difference(BASE_STEPS, BASE_LOSSES, 1200, 3.5) is None
 
 
 def _curves(name, steps, losses, *, sec_per_step=None, flops_per_step=None, tokens_per_step=None,
@@ -98,7 +101,7 @@ def _curves(name, steps, losses, *, sec_per_step=None, flops_per_step=None, toke
         m["flops"] = [(s, flops_per_step * s) for s in steps]
     if tokens_per_step:
         m["raw_tokens"] = [(s, tokens_per_step * s) for s in steps]
-    return C.RunCurves(name=name, source="memory", metrics=m, params=params or {})
+    return RunCurves(name=name, source="memory", metrics=m, params=params or {})
 
 
 def test_compute_comparison_single_baseline():
@@ -106,7 +109,7 @@ def test_compute_comparison_single_baseline():
     tst_steps = [100, 200, 300, 400]
     tst = _curves("tst", tst_steps, [9.0, 7.0, 5.2, 4.8], sec_per_step=0.6, flops_per_step=2e9,
                   tokens_per_step=2500, params={"train.steps": 400, "train.switch_fraction": 0.3, "data.bag_size": 6})
-    res = C.compute_comparison(tst, [base])
+    res = compute_comparison(tst, [base])
     assert res["mode"] == "curve"
     assert res["target_loss"] == 4.8
     assert res["tst"]["final_val_loss"] == 4.8 and res["baselines"][0]["final_val_loss"] == pytest.approx(4.0)
@@ -117,7 +120,7 @@ def test_compute_comparison_single_baseline():
     assert sp["steps"]["needed"] == pytest.approx(560.0) and sp["steps"]["ratio"] == pytest.approx(1.4)
     assert sp["wall_clock"]["ratio"] == pytest.approx(280 / 240)
     assert sp["flops"]["ratio"] == pytest.approx(1.4)
-    table = C.format_table(res)
+    table = format_table(res)
     assert "+0.7000 nats" in table and "1.40x" in table and "≥" not in table
 
 
@@ -129,7 +132,7 @@ def test_compute_comparison_multi_baseline_uses_final_points(tmp_path):
     b3 = _curves("b2000", [500, 1000, 1500, 2000], [3.6, 3.35, 3.25, 3.00], sec_per_step=1.0, flops_per_step=1e9)
     tst = _curves("tst", [500, 1000], [3.9, 3.05], sec_per_step=1.25, flops_per_step=1e9)
     # given out of order: the final points are sorted by step
-    res = C.compute_comparison(tst, [b3, b1, b2])
+    res = compute_comparison(tst, [b3, b1, b2])
     assert res["mode"] == "final_points"
     sp = res["speedup"]
     # 3.05 lies half-way between (1500, 3.10) and (2000, 3.00) -> 1750 steps, 1.75x
@@ -142,18 +145,18 @@ def test_compute_comparison_multi_baseline_uses_final_points(tmp_path):
     assert res["equal_step"]["baseline"] == "b1000"
     assert res["equal_step"]["diff_nats"] == pytest.approx(0.15)
     # b2000's own curve at 1500 (3.25) would have given another answer: final points only
-    only_b3 = C.compute_comparison(tst, [b3])
+    only_b3 = compute_comparison(tst, [b3])
     assert only_b3["speedup"]["steps"]["needed"] == pytest.approx(1500 + 500 * (3.25 - 3.05) / (3.25 - 3.00))
 
     # never reached over the final points: lower bound 2000 / 1000
     tst_better = _curves("tst", [500, 1000], [3.9, 2.9], sec_per_step=1.25, flops_per_step=1e9)
-    res = C.compute_comparison(tst_better, [b1, b2, b3])
+    res = compute_comparison(tst_better, [b1, b2, b3])
     assert res["speedup"]["steps"]["lower_bound"] and res["speedup"]["steps"]["ratio"] == pytest.approx(2.0)
     assert res["speedup"]["steps"]["display"] == "≥ 2.00x"
-    assert "lower bound" in C.format_table(res)
+    assert "lower bound" in format_table(res)
 
     # the figure with several baselines (their final points joined) and the JSON
-    res = C.compare_runs(tst, [b3, b1, b2], out=tmp_path / "m.png", json_path=tmp_path / "m.json")
+    res = compare_runs(tst, [b3, b1, b2], out=tmp_path / "m.png", json_path=tmp_path / "m.json")
     assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "m.json").read_text())["speedup"]["steps"]["ratio"] == pytest.approx(1.75)
 
@@ -162,12 +165,12 @@ def test_tst_detection_by_params():
     base = _curves("base", BASE_STEPS, BASE_LOSSES, params={"train.switch_fraction": "0.0", "data.bag_size": "1"})
     tst = _curves("tst", [100, 400], [9.0, 4.8],
                   params={"train.switch_fraction": "0.3", "data.bag_size": "6", "train.steps": "400"})
-    res = C.compare_runs(base, [tst], out=None)
+    res = compare_runs(base, [tst], out=None)
     assert res["tst"]["name"] == "tst" and res["baselines"][0]["name"] == "base"
     assert res["notes"] and "using 'tst' as the TST run" in res["notes"][0]
     assert res["speedup"]["steps"]["ratio"] == pytest.approx(1.4)
     # --no-detect keeps the order given
-    res = C.compare_runs(base, [tst], out=None, detect_tst=False)
+    res = compare_runs(base, [tst], out=None, detect_tst=False)
     assert res["tst"]["name"] == "base"
 
 
@@ -211,7 +214,7 @@ def test_read_run_folder_and_compare(tmp_path):
     # a checkpoint folder inside the run is accepted (the reader walks up)
     ckpt = tst_dir / "checkpoints" / "step_00000400"
     with pytest.warns(UserWarning, match="malformed"):
-        run = C.read_run_folder(ckpt)
+        run = read_run_folder(ckpt)
     assert run.name == "tst" and run.path == str(tst_dir.resolve())
     assert run.eval_steps == [100, 200, 300, 400] and run.final_loss == 4.8
     assert run.switch_step == 120 and run.is_tst is True
@@ -219,7 +222,7 @@ def test_read_run_folder_and_compare(tmp_path):
     assert run.eval_axis("elapsed_s") == pytest.approx([60.0, 120.0, 180.0, 240.0])
 
     with pytest.warns(UserWarning):
-        res = C.compare_runs(str(ckpt), [str(tmp_path / "runs" / "base")], out=None)
+        res = compare_runs(str(ckpt), [str(tmp_path / "runs" / "base")], out=None)
     assert res["tst"]["name"] == "tst" and res["baselines"][0]["raw_tokens"] == 1_000_000
     assert res["speedup"]["steps"]["needed"] == pytest.approx(560.0)
     assert res["speedup"]["wall_clock"]["ratio"] == pytest.approx(280 / 240)
@@ -228,13 +231,13 @@ def test_read_run_folder_and_compare(tmp_path):
 
     # a bare name falls back to <output_dir>/runs/NAME when there is no MLflow store
     with pytest.warns(UserWarning):
-        res2 = C.compare_runs("tst", ["base"], output_dir=str(tmp_path), out=None,
+        res2 = compare_runs("tst", ["base"], output_dir=str(tmp_path), out=None,
                               tracking_uri=f"sqlite:///{tmp_path}/absent.db")
     assert res2["speedup"]["steps"]["ratio"] == pytest.approx(1.4)
     assert not (tmp_path / "absent.db").exists()  # the lookup did not create an empty store
 
     with pytest.raises(TSTError, match="metrics.jsonl"):
-        C.read_run_folder(tmp_path)
+        read_run_folder(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -273,14 +276,14 @@ def mlflow_store(tmp_path_factory):
 
 def test_read_mlflow_run_by_id_and_name(mlflow_store):
     uri = mlflow_store["uri"]
-    by_id = C.read_mlflow_run(mlflow_store["tst"], uri)
-    by_name = C.read_mlflow_run("tst-run", uri, experiment="tst")
+    by_id = read_mlflow_run(mlflow_store["tst"], uri)
+    by_name = read_mlflow_run("tst-run", uri, experiment="tst")
     for r in (by_id, by_name):
         assert r.run_id == mlflow_store["tst"] and r.source == "mlflow"
         assert r.eval_steps == [100, 200, 300, 400] and r.final_loss == 3.9
         assert r.switch_step == 120 and r.is_tst is True and r.raw_tokens() == 1_000_000
     with pytest.raises(TSTError, match="no MLflow run"):
-        C.read_mlflow_run("nope", uri)
+        read_mlflow_run("nope", uri)
 
 
 def test_cli_compare_end_to_end(mlflow_store, tmp_path, capsys):
@@ -325,7 +328,7 @@ def test_mlflow_log_failure_is_a_warning(mlflow_store, tmp_path, monkeypatch):
 
     monkeypatch.setattr(MlflowClient, "log_artifact", boom)
     with pytest.warns(UserWarning, match="could not log"):
-        res = C.compare_runs(mlflow_store["tst"], [mlflow_store["base"]], tracking_uri=mlflow_store["uri"],
+        res = compare_runs(mlflow_store["tst"], [mlflow_store["base"]], tracking_uri=mlflow_store["uri"],
                              out=tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 0
     assert "logged_to" not in res and any("artifact store down" in n for n in res["notes"])

@@ -341,7 +341,7 @@ def test_script_imports_no_optional_stack():
         "builtins.__import__ = imp\n"
         f"sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(REPO / 'bench')!r})\n"
         "import gpu_check, tst_ops, pipeline.model.transformer, pipeline.train.loop, pipeline.train.parallel, pipeline.train.metrics\n"
-        "import pipeline.config, pipeline.train.checkpoint, pipeline.report.curves, pipeline.data, pipeline.data.reader\n"
+        "import pipeline.config, pipeline.train.checkpoint, pipeline.report.compare, pipeline.data, pipeline.data.reader\n"
         "print('ok')\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

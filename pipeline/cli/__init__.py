@@ -18,7 +18,7 @@ COMMAND_MODULES = [
     "pipeline.cli.train",  # tst train, tst demo
     "pipeline.cli.data",  # tst data inspect, tst tokenizer train, tst data build-corpus
     "pipeline.cli.export",  # tst export, tst generate
-    "pipeline.report.curves",  # tst compare
+    "pipeline.cli.compare",  # tst compare
     "tune.cli",  # tst tune
 ]
 
