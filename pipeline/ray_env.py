@@ -112,6 +112,16 @@ def local_ray_env(dashboard_port: int) -> dict[str, str]:
     return set_now
 
 
+# Ray Train's controller polls the workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default) and collects at
+# most one `ray.train.report` per worker per poll; a worker's report blocks while its previous one is uncollected
+# (a queue of one). So a run that reports (train.log_every / eval / checkpoint) more often than every 2 s is
+# throttled to one report per 2 s: a 10-step test run logging every step took >= 20 s of waiting. 0.5 s keeps the
+# poll (one small remote call per worker) negligible and the cap out of the way of any sane log interval.
+HEALTH_CHECK_INTERVAL_S = "0.5"
+
+
 def ray_train_env() -> None:
-    """Before a TorchTrainer starts (the driver's value is propagated to the controller and the workers)."""
+    """Before a TorchTrainer starts (the driver's values are propagated to the controller and the workers:
+    Ray Train's ENV_VARS_TO_PROPAGATE). A user's own setting wins."""
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_INTERVAL_S)
