@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 
@@ -238,6 +239,26 @@ def test_read_run_folder_and_compare(tmp_path):
 
     with pytest.raises(TSTError, match="metrics.jsonl"):
         read_run_folder(tmp_path)
+
+
+def test_compare_resolves_the_tracking_uri_as_every_command_and_creates_nothing(tmp_path, monkeypatch):
+    """One resolver (pipeline.report.tracking) for train, tune and compare: --tracking-uri, else
+    $MLFLOW_TRACKING_URI, else sqlite:///<output-dir>/mlflow.db, SQLite paths made absolute; looking a run up
+    makes no folder for a store that is not there."""
+    from pipeline.report.runs import load_run
+    from pipeline.report.tracking import resolve_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    cwd = os.getcwd()
+    assert resolve_tracking_uri(None, "out", create_dir=False) == f"sqlite:///{cwd}/out/mlflow.db"
+    assert resolve_tracking_uri("sqlite:///rel/m.db", "out", create_dir=False) == f"sqlite:///{cwd}/rel/m.db"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "rel").exists()
+    with pytest.raises(TSTError, match="does not exist"):
+        load_run("nope", output_dir="absent")
+    assert not (tmp_path / "absent").exists()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    assert resolve_tracking_uri(None, "out") == "http://127.0.0.1:1"
 
 
 # ---------------------------------------------------------------------------------------------------------

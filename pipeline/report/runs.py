@@ -1,12 +1,13 @@
 """Reading a run's curves for `tst compare`: an MLflow run or a run folder, as a `RunCurves`.
 
 Runs are read from (1) MLflow: a run id, or a run name (`run_name` or the `tst.run_name` tag) searched in the
-experiment `--experiment` (default "tst") at `--tracking-uri`, else $MLFLOW_TRACKING_URI, else
-`sqlite:///<output-dir>/mlflow.db`; metric histories `val_loss`, `elapsed_s`, `flops`, `raw_tokens` and params
-`train.steps`, `train.switch_fraction`, `data.bag_size`; or (2) a run folder `<output_dir>/runs/NAME/`, or any
-folder inside it such as a checkpoint (the reader walks up to the folder holding `metrics.jsonl`), reading
-`metrics.jsonl` and `config.yaml`. A bare NAME that is not an MLflow run is also looked up as
-`<output-dir>/runs/NAME/`. Reading never creates a store: a SQLite URI whose file does not exist is not opened.
+experiment `--experiment` (default "tst") at the tracking URI that `pipeline.report.tracking.resolve_tracking_uri`
+decides for every command (`--tracking-uri`, else $MLFLOW_TRACKING_URI, else `sqlite:///<output-dir>/mlflow.db`);
+metric histories `val_loss`, `elapsed_s`, `flops`, `raw_tokens` and params `train.steps`, `train.switch_fraction`,
+`data.bag_size`; or (2) a run folder `<output_dir>/runs/NAME/`, or any folder inside it such as a checkpoint (the
+reader walks up to the folder holding `metrics.jsonl`), reading `metrics.jsonl` and `config.yaml`. A bare NAME
+that is not an MLflow run is also looked up as `<output-dir>/runs/NAME/`. Reading never creates a store: a SQLite
+URI whose file does not exist is not opened, and its folder is not made.
 
 mlflow and yaml are imported inside the functions that use them.
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 from pipeline.errors import TSTError
 from pipeline.report.curves import interp_at
+from pipeline.report.tracking import resolve_tracking_uri
 
 METRIC_KEYS = ("val_loss", "elapsed_s", "flops", "raw_tokens")
 
@@ -185,13 +186,6 @@ def read_run_folder(path: str | Path) -> RunCurves:
     )
 
 
-def resolve_tracking_uri(tracking_uri: Optional[str] = None, output_dir: str = "outputs") -> str:
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    return "sqlite:///" + str(Path(output_dir).resolve() / "mlflow.db")
-
-
 def _sqlite_missing(uri: str) -> bool:
     """A sqlite URI whose file does not exist (opening it would create an empty store)."""
     if not uri.startswith("sqlite:///"):
@@ -260,7 +254,7 @@ def load_run(
     ref = str(ref)
     if Path(ref).exists():
         return read_run_folder(ref)
-    uri = resolve_tracking_uri(tracking_uri, output_dir)
+    uri = resolve_tracking_uri(tracking_uri, output_dir, create_dir=False)  # a lookup makes no store
     err: Optional[Exception] = None
     if not _sqlite_missing(uri):
         try:

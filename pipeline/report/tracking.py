@@ -26,13 +26,20 @@ from typing import Any, Optional
 from pipeline.errors import TrackingError
 
 
-def resolve_tracking_uri(tracking_uri: Optional[str], output_dir: str) -> str:
+def resolve_tracking_uri(tracking_uri: Optional[str] = None, output_dir: str = "outputs", *,
+                         create_dir: bool = True) -> str:
+    """The MLflow tracking URI of every command (train, tune, compare):
+    `tracking_uri` (--tracking-uri / run.tracking_uri), else $MLFLOW_TRACKING_URI, else
+    `sqlite:///<output_dir>/mlflow.db`. A SQLite path is made absolute against the current folder, so that every
+    process that opens it (the driver, Ray Train's controller, a later `mlflow ui`) means the same file.
+    `create_dir`: make the SQLite file's folder (a run about to write); a reader (`tst compare`) passes False, so
+    that looking a run up creates nothing."""
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         uri = "sqlite:///" + os.path.abspath(os.path.join(output_dir, "mlflow.db"))
     elif uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
-    if uri.startswith("sqlite:///"):
+    if create_dir and uri.startswith("sqlite:///"):
         os.makedirs(os.path.dirname(uri[len("sqlite:///"):]) or ".", exist_ok=True)
     return uri
 
