@@ -6,6 +6,20 @@ what MLflow records as params. `flatten()` gives those keys; `apply_overrides()`
 
 Imports nothing but the standard library (yaml is imported only when a YAML file is loaded), so the Ray-free
 loop and the GPU check can use it with PyTorch alone.
+
+Why our own parsing (~130 lines: `_from_dict`, `_coerce`, `apply_overrides`) and not a library (issue 17 weighed
+three):
+- OmegaConf structured configs would give merging, dotted overrides and type checks, but it is not installed on
+  the GPU machine (PyTorch and Triton only, no package registry: bench/gpu_check.py builds a Config there), and it
+  rejects the `Union`/`Optional` container fields we use (`train.loss_weights`, `scaling.worker_resources`
+  written as `{train_node: 1}`) unless typed as `Any`, which gives its type checking up again.
+- draccus (Levanter's) parses `--key value` flags into the same dataclasses, but our override syntax `key=value`
+  is shared by `tst train`, `tst tune --grid key=a,b` and the MLflow param names; switching would change every
+  documented command for no new behaviour.
+- tyro generates a CLI with help from docstrings, which `pipeline/cli/help.py` already does from this file's
+  comments (with the recipe's values), and does not merge YAML recipes.
+Revisit if the tree grows interpolation or config groups (OmegaConf's strengths); the tests of this module
+(tests/test_config*, tests/test_faults.py) pin the behaviour a replacement must keep.
 """
 
 from __future__ import annotations
