@@ -18,8 +18,8 @@ three):
   documented command for no new behaviour.
 - tyro generates a CLI with help from docstrings, which `pipeline/cli/help.py` already does from this file's
   comments (with the recipe's values), and does not merge YAML recipes.
-Revisit if the tree grows interpolation or config groups (OmegaConf's strengths); the tests of this module
-(tests/test_config*, tests/test_faults.py) pin the behaviour a replacement must keep.
+Revisit if the tree grows interpolation or config groups (OmegaConf's strengths); tests/test_faults.py (refused
+values, names, secrets) and tests/test_cli.py (help, recipe defaults) pin the behaviour a replacement must keep.
 """
 
 from __future__ import annotations
