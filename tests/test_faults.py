@@ -175,6 +175,35 @@ def test_a_truncated_newest_checkpoint_is_skipped_with_one_warning_and_the_run_r
     assert not [n for n in os.listdir(mgr.root) if n.startswith((".old-", ".tmp-"))]
 
 
+def test_the_ray_path_walks_back_through_ray_checkpoints_fetching_only_what_it_inspects(shared_out, tmp_path):
+    """RayReporter.latest_checkpoint's walk: `newest_verified` over Ray `Checkpoint`s, opened with their own
+    `as_directory` (a download on remote storage) newest first, stopping at the first that verifies."""
+    import contextlib
+
+    from ray.train import Checkpoint
+
+    from pipeline.train.checkpoint import LocalCheckpointManager, newest_verified
+
+    run_local(make_cfg(shared_out), str(tmp_path))  # checkpoints at 4, 8, 10
+    paths = LocalCheckpointManager(str(tmp_path), keep=5).all_steps()
+    with open(_shard(paths[-1]), "r+b") as f:
+        f.truncate(100)
+    opened, said = [], []
+
+    @contextlib.contextmanager
+    def as_directory(c):
+        opened.append(os.path.basename(c.path))
+        with c.as_directory() as d:
+            yield d
+
+    cands = [Checkpoint.from_directory(p) for p in paths]
+    with newest_verified(cands, as_directory=as_directory, name=lambda c: os.path.basename(c.path),
+                         say=said.append) as path:
+        assert os.path.basename(path) == "step_00000008"
+    assert opened == ["step_00000010", "step_00000008"]  # step 4 never fetched
+    assert len(said) == 1 and "step_00000010 (shard" in said[0]
+
+
 def test_rng_state_is_saved_per_rank_and_restored_on_resume(shared_out, tmp_path):
     from pipeline.train.checkpoint import LocalCheckpointManager
 

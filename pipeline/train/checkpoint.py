@@ -29,6 +29,7 @@ that its author put there. Load only checkpoints you (or your cluster) wrote. Th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -217,20 +218,37 @@ def is_complete(path: str) -> bool:
     return verify(path) is None
 
 
-def choose_checkpoint(candidates: list[str], checksums: bool = True, say=print) -> Optional[str]:
-    """The newest verified checkpoint of `candidates` (oldest first); one warning line if newer ones were not."""
+def _folder_name(path: str) -> str:
+    return os.path.basename(os.path.normpath(path))
+
+
+@contextlib.contextmanager
+def newest_verified(candidates: list, *, as_directory=contextlib.nullcontext, name=_folder_name,
+                    checksums: bool = True, say=print):
+    """Yield the local folder of the newest candidate (candidates oldest first) that verifies, or None; one warning
+    line if newer ones did not. `as_directory(c)` is a context giving candidate c's local folder: the folder itself
+    for local paths, Ray's `Checkpoint.as_directory` (a download from remote storage) on the Ray path, so only the
+    candidates actually inspected are fetched. `name(c)` names a candidate in the warning."""
     skipped = []
-    for path in reversed(candidates):
-        why = verify(path, checksums=checksums)
-        if why is None:
-            if skipped:
-                say(f"[tst] warning: skipped incomplete checkpoint(s) {'; '.join(skipped)}; resuming from "
-                    f"{os.path.basename(os.path.normpath(path))}")
-            return path
-        skipped.append(f"{os.path.basename(os.path.normpath(path))} ({why})")
+    for cand in reversed(candidates):
+        with as_directory(cand) as path:
+            why = verify(path, checksums=checksums)
+            if why is None:
+                if skipped:
+                    say(f"[tst] warning: skipped incomplete checkpoint(s) {'; '.join(skipped)}; resuming from "
+                        f"{name(cand)}")
+                yield path
+                return
+        skipped.append(f"{name(cand)} ({why})")
     if skipped:
         say(f"[tst] warning: no complete checkpoint ({'; '.join(skipped)}); starting from step 0")
-    return None
+    yield None
+
+
+def choose_checkpoint(candidates: list[str], checksums: bool = True, say=print) -> Optional[str]:
+    """The newest verified checkpoint folder of `candidates` (local paths, oldest first), or None."""
+    with newest_verified(candidates, checksums=checksums, say=say) as path:
+        return path
 
 
 def _write_json_atomic(path: str, obj: Any) -> None:

@@ -76,7 +76,7 @@ class RayReporter:
         line instead of failing every restart."""
         import ray.train
 
-        from pipeline.train.checkpoint import verify
+        from pipeline.train.checkpoint import newest_verified
 
         cands = []
         try:
@@ -86,21 +86,11 @@ class RayReporter:
         latest = ray.train.get_checkpoint()
         if latest is not None and all(c.path != latest.path for c in cands):
             cands.append(latest)
-        cands.sort(key=lambda c: os.path.basename(c.path.rstrip("/")))  # step_%08d: name order is step order
-        skipped = []
-        for ckpt in reversed(cands):
-            with ckpt.as_directory() as path:
-                why = verify(path, checksums=True)
-                if why is None:
-                    if skipped and self.rank == 0:
-                        print(f"[tst] warning: skipped incomplete checkpoint(s) {'; '.join(skipped)}; resuming "
-                              f"from {os.path.basename(ckpt.path.rstrip('/'))}", flush=True)
-                    yield path
-                    return
-            skipped.append(f"{os.path.basename(ckpt.path.rstrip('/'))} ({why})")
-        if skipped and self.rank == 0:
-            print(f"[tst] warning: no complete checkpoint ({'; '.join(skipped)}); starting from step 0", flush=True)
-        yield None
+        name = lambda c: os.path.basename(c.path.rstrip("/"))  # noqa: E731
+        cands.sort(key=name)  # step_%08d: name order is step order
+        say = (lambda line: print(line, flush=True)) if self.rank == 0 else (lambda line: None)
+        with newest_verified(cands, as_directory=lambda c: c.as_directory(), name=name, say=say) as path:
+            yield path
 
     def last_good_checkpoint(self) -> Optional[str]:
         import ray.train
