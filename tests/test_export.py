@@ -206,6 +206,30 @@ def test_sharded_safetensors_and_bfloat16(trained, tmp_path):
     assert json.load(open(tmp_path / "bf16" / "config.json"))["torch_dtype"] == "bfloat16"
 
 
+def test_reexport_into_the_same_folder_leaves_no_stale_weights(trained, tmp_path):
+    """A sharded export, then an unsharded one into the same folder: the old shards and index go (a stale index
+    would make transformers and load_model read the old shards), and the files keep the mode of any new file."""
+    import stat
+
+    transformers = _transformers()
+    out = tmp_path / "hf"
+    export_checkpoint(trained["ckpt"], str(out), max_shard_size="300KB")
+    with open(out / "model.safetensors.index.json") as f:
+        index = json.load(f)
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in
+                                                  trained["model"].state_dict().values())
+    assert set(index["weight_map"].values()) == {f for f in os.listdir(out) if f.startswith("model-")}
+    s = export_checkpoint(trained["ckpt"], str(out), dtype="bfloat16")
+    assert s["files"] == ["model.safetensors"]
+    assert sorted(f for f in os.listdir(out) if "safetensors" in f) == ["model.safetensors"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(os.stat(out / "model.safetensors").st_mode) == 0o666 & ~mask
+    transformers.AutoModelForCausalLM.from_pretrained(out)  # reads model.safetensors, not a stale index
+    for (k, v), (k2, v2) in zip(load_model(str(out))[0].state_dict().items(), trained["model"].state_dict().items()):
+        assert k == k2 and torch.equal(v, v2.to(torch.bfloat16))
+
+
 def test_superposition_checkpoint_exports_with_warning(trained, tmp_path):
     transformers = _transformers()
     with pytest.warns(UserWarning, match="superposition phase"):
