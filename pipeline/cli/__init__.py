@@ -60,7 +60,3 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tst: error: {e}", file=sys.stderr)
             return 1
         raise
-
-
-if __name__ == "__main__":
-    sys.exit(main())

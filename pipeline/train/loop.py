@@ -167,6 +167,7 @@ class Trainer:
 
     # -- schedule ---------------------------------------------------------------------------------------------
     def bag_size_at(self, step: int) -> int:
+        self.stop_agreed = False  # set by train_step: every rank agreed to stop after this step (a SIGTERM)
         return self.cfg.data.bag_size if step < self.switch_step else 1
 
     def phase_at(self, step: int) -> str:
@@ -276,10 +277,12 @@ class Trainer:
                 counts = counts + self.model(inputs[m * self.micro:(m + 1) * self.micro], router_counts_only=True)
         return _all_reduce(counts)
 
-    def train_step(self, step: int, windows) -> tuple[float, float]:
+    def train_step(self, step: int, windows, stop_vote: bool = False) -> tuple[float, float]:
         """Forward/backward over this rank's micro-batches, then one AdamW step. Returns (loss, grad norm).
 
-        `windows` is (b, s*L + s) token ids, or `(windows, doc_ids)` with data.doc_boundary = "mask"."""
+        `windows` is (b, s*L + s) token ids, or `(windows, doc_ids)` with data.doc_boundary = "mask".
+        `stop_vote` (rank 0: a stop was asked for) rides on the step's finiteness all-reduce, so every rank agrees
+        on the step to stop at without a collective of its own; the agreement is left in `self.stop_agreed`."""
         s, L = self.bag_size_at(step), self.cfg.data.seq_len
         windows, doc_ids = _split_doc_ids(windows)
         inputs, targets = make_batch(windows.to(self.device, non_blocking=True), s, L,
@@ -317,9 +320,11 @@ class Trainer:
             counts = moe_sums[2] if step_counts is None else step_counts  # (each micro-batch got the step's counts)
             self.moe_step = {"aux": float(aux_z[0]), "z": float(aux_z[1]), "counts": counts.cpu()}
         grad_norm = clip_grad_norm(self.model, self.cfg.train.grad_clip)
-        bad = torch.tensor([0.0 if (torch.isfinite(loss) and torch.isfinite(grad_norm)) else 1.0],
-                           device=self.device)
-        if float(_all_reduce(bad, dist.ReduceOp.MAX if self.distributed else None)) > 0:
+        flags = torch.tensor([0.0 if (torch.isfinite(loss) and torch.isfinite(grad_norm)) else 1.0,
+                              1.0 if stop_vote else 0.0], device=self.device)  # (bad, stop)
+        flags = _all_reduce(flags, dist.ReduceOp.MAX if self.distributed else None).tolist()
+        self.stop_agreed = flags[1] > 0
+        if flags[0] > 0:
             self.optimizer.zero_grad(set_to_none=True)
             return float("nan"), float("nan")
         lr = self.lr_at(step)
@@ -329,15 +334,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return float(loss), float(grad_norm)
 
-    def _stop_requested(self) -> bool:
-        """Has a stop been asked for (SIGTERM of the driver: a spot notice, `kill`)? Every rank must agree on the
-        step, so rank 0's answer is all-reduced (one scalar per step)."""
+    def _stop_vote(self) -> bool:
+        """Rank 0's view: has a stop been asked for (SIGTERM of the driver: a spot notice, `kill`)? The ranks agree
+        on it inside `train_step`'s all-reduce."""
         ask = getattr(self.reporter, "stop_requested", None)
-        mine = bool(ask()) if (ask is not None and self.rank == 0) else False
-        if not self.distributed:
-            return mine
-        flag = torch.tensor([1.0 if mine else 0.0], device=self.device)
-        return float(_all_reduce(flag, dist.ReduceOp.MAX)) > 0
+        return bool(ask()) if (ask is not None and self.rank == 0) else False
 
     # -- the run --------------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -360,7 +361,7 @@ class Trainer:
             s = self.bag_size_at(step)
             _maybe_record_digests(step, windows, self.first_row)
             _maybe_inject_failure(step, self.rank)
-            loss, gnorm = self.train_step(step, windows)
+            loss, gnorm = self.train_step(step, windows, stop_vote=self._stop_vote())
             if self.moe_step is not None:
                 self._moe_interval.append(self.moe_step)
             done = step + 1
@@ -377,7 +378,7 @@ class Trainer:
             is_last = done == self.T
             do_eval = done % t.eval_every == 0 or is_switch or is_last
             do_log = done % t.log_every == 0 or do_eval
-            stop = self._stop_requested() and not is_last  # a preemption notice: checkpoint here and leave
+            stop = self.stop_agreed and not is_last  # a preemption notice: checkpoint here and leave
             do_ckpt = done % t.checkpoint_every == 0 or is_switch or is_last or stop
             do_log = do_log or stop
             metrics = None
