@@ -152,6 +152,75 @@ def test_verify_finds_truncated_missing_and_altered_files(shared_out, tmp_path):
     assert verify(broken) is None and "sha256" in verify(broken, checksums=True)
 
 
+TWO_RANK_WRITER = """
+import os, sys, torch, torch.distributed as dist
+rank, out, store = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
+torch.set_num_threads(1)
+from pipeline.config import Config, apply_overrides
+from pipeline.train.checkpoint import save_checkpoint
+from pipeline.train.loop import build_model, build_optimizer
+from pipeline.train.parallel import parallelize
+cfg = apply_overrides(Config(), ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4",
+                                 "model.num_kv_heads=2", "model.intermediate_size=128"])
+model, _ = build_model(cfg, 300, torch.device("cpu"))
+parallelize(model, distributed=True)  # FSDP2: each rank holds half of every parameter and of its Adam state
+opt = build_optimizer(cfg, model)
+g = torch.Generator().manual_seed(rank)
+model(torch.randint(0, 300, (1, 16), generator=g), torch.randint(0, 300, (1, 16), generator=g)).backward()
+opt.step()
+# each rank into its own staging folder, as under Ray Train (which merges them)
+save_checkpoint(os.path.join(out, f"rank{rank}"), model, opt, {"world_size": 2, "step": 1}, rank)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_verify_finds_a_missing_or_truncated_shard_of_the_other_rank(tmp_path):
+    """A real two-rank FSDP2 checkpoint (two gloo processes, merged as Ray Train merges its ranks' folders): rank 1's
+    shard missing, truncated or altered, its manifest or RNG file missing, are each found; the one-rank test above
+    only ever sees rank 0's files."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from pipeline.train.checkpoint import verify
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    procs = [subprocess.Popen([sys.executable, "-c", TWO_RANK_WRITER, str(r), str(tmp_path), str(tmp_path / "pg")],
+                              cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    ckpt = str(tmp_path / "ckpt")
+    for r in (0, 1):
+        shutil.copytree(tmp_path / f"rank{r}", ckpt, dirs_exist_ok=True)
+    shards = {i.relative_path for i in FileSystemReader(ckpt).read_metadata().storage_data.values()}
+    assert shards == {"__0_0.distcp", "__1_0.distcp"}  # the DCP metadata needs both ranks' shards
+    assert verify(ckpt, checksums=True) is None
+    other = "__1_0.distcp"
+    size = os.path.getsize(os.path.join(ckpt, other))
+    broken = str(tmp_path / "broken")
+
+    def fresh():
+        shutil.rmtree(broken, ignore_errors=True)
+        shutil.copytree(ckpt, broken)
+        return broken
+
+    os.remove(os.path.join(fresh(), other))
+    assert verify(broken) == f"shard {other} missing"
+    with open(os.path.join(fresh(), other), "r+b") as f:
+        f.truncate(size - 1)  # one byte short: DCP's last record of rank 1 ends at its file's end
+    assert verify(broken) == f"shard {other} truncated ({size - 1} of {size} bytes)"
+    os.remove(os.path.join(fresh(), "manifest-1.json"))
+    assert verify(broken) == "1 of 2 ranks' manifests"
+    os.remove(os.path.join(fresh(), "rng-1.pt"))
+    assert verify(broken) == "rng-1.pt missing"
+    with open(os.path.join(fresh(), other), "r+b") as f:  # same size, other bytes
+        f.seek(size // 2)
+        b = f.read(1)
+        f.seek(size // 2)
+        f.write(bytes([b[0] ^ 0xFF]))
+    assert verify(broken) is None and verify(broken, checksums=True) == f"{other} does not match its sha256"
+
+
 def test_a_truncated_newest_checkpoint_is_skipped_with_one_warning_and_the_run_recovers_exactly(
         shared_out, tmp_path, capsys):
     from pipeline.train.checkpoint import LocalCheckpointManager
