@@ -47,8 +47,10 @@ def default_run_name(cfg: Config) -> str:
 def check_inputs(cfg: Config) -> None:
     """List the data source (and val_source) now: a missing path is a one-line error in a second, before MLflow,
     Ray or any tokenizing starts."""
-    from pipeline.data import list_files, source_configs
+    from pipeline.data import is_store_folder, list_files, source_configs
 
+    if not cfg.data.sources and is_store_folder(cfg.data.source):
+        return  # a prepared store folder: opened (and checked) by prepare_data
     for _, d, _ in source_configs(cfg.data):
         list_files(d.source, d)
         if d.val_source:
@@ -69,8 +71,13 @@ def finished_summary(run_dir: str, cfg: Config) -> Optional[dict]:
 def prepare_data(cfg: Config, output_dir: str, mode: str, wait: str = "complete", console: bool = False):
     """Tokenizer (trained and cached when `bpe:N`) and the window source over the run's token store (prepared
     once, by Ray Data in mode "ray" or in-process in mode "local"/"memory"); bad input fails here, before workers.
-    wait="first": return as soon as the store's first shard is committed, the prepare going on behind."""
-    from pipeline.data import build_source
+    wait="first": return as soon as the store's first shard is committed, the prepare going on behind.
+    A store folder as data.source is opened as it is, with torch only: the "tokenizer" is then the store's
+    `StoreVocabulary` (ids from its index; path None)."""
+    from pipeline.data import build_source, is_store_folder, store_folder_source
+
+    if not cfg.data.sources and is_store_folder(cfg.data.source):
+        return store_folder_source(cfg, cfg.data.source)
     from pipeline.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(cfg.data, output_dir)
@@ -109,12 +116,20 @@ def check_store_reachable(cfg: Config, source) -> None:
 
 def run_training(cfg: Config, *, use_ray: bool = True, name: Optional[str] = None, console: bool = True,
                  extra_callbacks: Optional[list] = None, data_mode: Optional[str] = None,
-                 on_metrics=None) -> dict:
+                 on_metrics=None, device=None, checkpoints: bool = True) -> dict:
     """Train (or resume) one run. Returns the summary dict (also written to summary.json).
 
     `extra_callbacks`: Ray Train `UserCallback`s (Ray mode). `on_metrics(record)`: called with every record the
-    Ray-free loop logs (e.g. a Tune trial forwarding `val_loss` to `ray.tune.report`)."""
+    Ray-free loop logs (e.g. a Tune trial forwarding `val_loss` to `ray.tune.report`). Ray-free only: `device`
+    (default: CUDA when scaling.use_gpu and available, else CPU) and `checkpoints=False` (no checkpoint writes:
+    a throughput measurement). data.source may be a prepared token store folder (`tst data prepare`): then the
+    Ray-free path needs nothing but PyTorch (no tokenizers, yaml, Ray or MLflow unless run.tracking is on)."""
+    from pipeline.data import is_store_folder
+
     validate(cfg)
+    if use_ray and not cfg.data.sources and is_store_folder(cfg.data.source):
+        raise ConfigError(f"data.source={cfg.data.source} is a token store folder, which only the Ray-free loop reads "
+                          f"(--no-ray); under Ray give the text source (its store is found by id)")
     check_inputs(cfg)
     paths = run_paths(cfg, name)
     done = finished_summary(paths.run_dir, cfg) if cfg.run.resume else None
@@ -133,8 +148,7 @@ def run_training(cfg: Config, *, use_ray: bool = True, name: Optional[str] = Non
         check_reachable(uri)
     fresh = not os.path.exists(paths.run_dir)  # removed again if the run fails before its first step
     os.makedirs(paths.run_dir, exist_ok=True)
-    with open(os.path.join(paths.run_dir, "config.yaml"), "w") as f:
-        f.write(cfg.to_yaml())
+    _write_config(paths.run_dir, cfg)
 
     tracker = None
     try:
@@ -189,7 +203,7 @@ def run_training(cfg: Config, *, use_ray: bool = True, name: Optional[str] = Non
             if use_ray:
                 summary = _fit_ray(cfg, paths, source, tok, tracker, console, extra_callbacks, stop_flag)
             else:
-                summary = _fit_local(cfg, paths, source, tok, tracker, console, on_metrics)
+                summary = _fit_local(cfg, paths, source, tok, tracker, console, on_metrics, device, checkpoints)
         status = {"finished": "FINISHED", "stopped": "KILLED"}.get(summary.get("status"), "FAILED")
     finally:
         _close_source(source)
@@ -211,7 +225,18 @@ def run_training(cfg: Config, *, use_ray: bool = True, name: Optional[str] = Non
     return summary
 
 
-def _fit_local(cfg, paths, source, tok, tracker, console, on_metrics=None) -> dict:
+def _write_config(run_dir: str, cfg: Config) -> None:
+    """config.yaml (what `tst train --resume` and `tst compare` read); config.json where yaml is not installed
+    (a torch-only GPU machine training from a store folder)."""
+    try:
+        text, name = cfg.to_yaml(), "config.yaml"
+    except ImportError:
+        text, name = json.dumps(cfg.to_dict(), indent=1), "config.json"
+    with open(os.path.join(run_dir, name), "w") as f:
+        f.write(text)
+
+
+def _fit_local(cfg, paths, source, tok, tracker, console, on_metrics=None, device=None, checkpoints=True) -> dict:
     from pipeline.train.loop import LocalReporter, train
     from pipeline.train.metrics import MetricsSink
 
@@ -220,8 +245,42 @@ def _fit_local(cfg, paths, source, tok, tracker, console, on_metrics=None) -> di
     sink = MetricsSink(paths.run_dir, cfg.train.steps, tracker=tracker, console=console,
                        listeners=[on_metrics] if on_metrics else None)
     reporter = LocalReporter(paths.run_dir, sink, keep=cfg.train.keep_checkpoints, resume=cfg.run.resume)
-    device = torch.device("cuda") if cfg.scaling.use_gpu and torch.cuda.is_available() else torch.device("cpu")
-    return train(cfg, source, reporter, vocab_size=tok.vocab_size, device=device, tokenizer_path=tok.path)
+    if device is None:
+        device = torch.device("cuda") if cfg.scaling.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+    return train(cfg, source, reporter, vocab_size=tok.vocab_size, device=device, tokenizer_path=tok.path,
+                 checkpoints=checkpoints)
+
+
+def train_in_process(cfg: Config, name: Optional[str] = None, *, console: bool = True, device=None,
+                     checkpoints: bool = True, on_metrics=None, quiet_warnings: bool = True) -> dict:
+    """One run through the Ray-free loop (`run_training(use_ray=False)`) for scripts and studies (bench/speedup.py,
+    bench/gpu_check.py, `pipeline.study`): also records the machine's load average around the run and this
+    process's seconds (`compute_s`, start-up and data loading included) in the summary and its summary.json, and
+    raises TSTError when the run did not finish. quiet_warnings: hide warnings (the schedule checks' warnings of
+    short runs; the switch check stays in the log)."""
+    import warnings
+
+    load0 = os.getloadavg()
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        if quiet_warnings:
+            warnings.simplefilter("ignore")
+        summary = dict(run_training(cfg, use_ray=False, name=name, console=console, on_metrics=on_metrics,
+                                    device=device, checkpoints=checkpoints))
+    summary["compute_s"] = time.perf_counter() - t0
+    summary["loadavg_start"], summary["loadavg_end"] = list(load0), list(os.getloadavg())
+    summary["threads"] = cfg.train.threads
+    p = os.path.join(summary.get("run_dir") or run_paths(cfg, name).run_dir, "summary.json")
+    if os.path.isfile(p):  # keep the load and process time with the run (read back by a study's --reuse)
+        with open(p) as f:
+            on_disk = json.load(f)
+        on_disk.update({k: summary[k] for k in ("compute_s", "loadavg_start", "loadavg_end", "threads")})
+        with open(p, "w") as f:
+            json.dump(on_disk, f, indent=1, default=str)
+    if summary.get("status") not in (None, "finished"):
+        raise TSTError(f"run {summary.get('run_name') or name} did not finish: {summary.get('status')} "
+                       f"{summary.get('message', '')}")
+    return summary
 
 
 @contextlib.contextmanager

@@ -8,7 +8,8 @@
     plan.py     StreamPlan: the schedule facts of a step (phase, bag size, stride, raw tokens before it)
     lanes.py    what a batch is: lanes across the shuffled epoch, mixture rows (a pure function of the step)
     batch.py    StoreSource, the WindowSource: a rank's rows of any step, read from one or several stores
-    source.py   a run's data: find or prepare its store, open a source over it (`build_source`)
+    source.py   a run's data: find or prepare its store, open a source over it (`build_source`), or over a
+                store folder given as data.source (`store_folder_source`, torch only)
 
 Tokenizing happens once per (source, tokenizer, split settings); every run, resume, retry and Tune trial on the
 same data reads the same store. Names are re-exported lazily so that `pipeline.data.reader` (torch and the
@@ -30,7 +31,8 @@ _EXPORTS = {
     "StoreSource": "batch", "Component": "batch",
     "EpochOrder": "lanes", "LaneSchedule": "lanes", "assign_rows": "lanes",
     "build_source": "source", "ensure_store": "source", "plan_store": "source",
-    "source_configs": "source",
+    "source_configs": "source", "is_store_folder": "source", "store_folder_source": "source",
+    "store_folder_info": "source",
 }
 
 

@@ -9,6 +9,7 @@ training starts as soon as the first shard is committed, reading behind the writ
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -175,6 +176,71 @@ def source_configs(d) -> list[tuple[str, object, float]]:
     return out
 
 
+def is_store_folder(path) -> bool:
+    """Whether `path` (a data.source) is a prepared token store folder on local disk (`tst data prepare` wrote its
+    index.json), rather than text to tokenize."""
+    if not isinstance(path, str) or S.is_remote(path) or not os.path.isfile(os.path.join(path, S.INDEX)):
+        return False
+    try:
+        with open(os.path.join(path, S.INDEX)) as f:
+            return json.load(f).get("format") == S.FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+@dataclass(frozen=True)
+class StoreVocabulary:
+    """What a run needs of the tokenizer when data.source is a store folder: the ids, from the store's index. The
+    tokenizer file is not needed to train (nor kept in the store: checkpoints of such a run have no tokenizer.json)."""
+
+    vocab_size: int
+    eos_id: int
+    sha256: str
+    path: Optional[str] = None
+
+
+def store_folder_info(path: str) -> dict:
+    """The facts a report records of a complete store folder, from its index (torch and the standard library)."""
+    from pipeline.data.reader import TokenStore
+
+    st = TokenStore(path)
+    if not st.complete:
+        raise DataError(f"{path} is a token store still being written; finish `tst data prepare` first")
+    idx = st.index
+    return {"format": idx["format"], "version": idx["version"], "store": os.path.basename(os.path.normpath(path)),
+            "dtype": idx["dtype"], "vocab_size": int(idx["tokenizer"]["vocab_size"]),
+            "eos_id": int(idx["tokenizer"]["eos_id"]), "tokenizer_sha256": idx["tokenizer"]["sha256"],
+            "source": idx["source"]["spec"], "train_tokens": st.tokens("train"), "val_tokens": st.tokens("val"),
+            "train_documents": st.documents("train"), "val_documents": st.documents("val")}
+
+
+def store_folder_source(cfg, path: str) -> tuple[StoreVocabulary, StoreSource]:
+    """A run's window source over a complete store folder given as data.source: no tokenizer, no prepare, only
+    PyTorch and the standard library (what a GPU machine without the data stack runs). The layout, shuffle and
+    seed are the config's, exactly as `build_source` sets them for a store it found or prepared itself."""
+    from pipeline.data.batch import StoreSource
+    from pipeline.data.lanes import check_layout
+
+    d = cfg.data
+    if d.sources:
+        raise DataError("data.sources (a mixture) cannot name a store folder as data.source; list text sources")
+    if d.doc_boundary not in ("cross", "mask"):
+        raise DataError(f"data.doc_boundary must be 'cross' or 'mask', got {d.doc_boundary!r}")
+    check_layout(d.batch_layout)
+    plan = StreamPlan.from_config(cfg)
+    plan._check_rank(0, max(1, cfg.scaling.num_workers))
+    info = store_folder_info(path)
+    idx = S.Storage(path).read_json(S.INDEX)
+    src = StoreSource(path, plan, d.doc_boundary, layout=d.batch_layout, shuffle=d.shuffle,
+                      chunk_tokens=d.shuffle_chunk_tokens,
+                      seed=d.shuffle_seed if d.shuffle_seed is not None else cfg.train.seed,
+                      store_id=S.store_id(idx["key"]) if idx.get("key") else None, verify=d.verify_checksums,
+                      writer_timeout_s=d.writer_timeout_s, read_block_mb=d.read_block_mb)
+    check_corpus(src.store.stats, src.store.tokens("train"), plan, path)
+    _log_plan(src, plan, d)
+    return StoreVocabulary(info["vocab_size"], info["eos_id"], info["tokenizer_sha256"]), src
+
+
 def build_source(cfg, output_dir: str = "outputs", mode: str = "local", tokenizer=None, wait: str = "complete",
                  console: bool = False) -> StoreSource:
     """The window source of a run: its token store(s) (prepared once, shared by every run on the same data) read
@@ -187,6 +253,8 @@ def build_source(cfg, output_dir: str = "outputs", mode: str = "local", tokenize
     """
     from pipeline.data.lanes import check_layout
 
+    if not cfg.data.sources and is_store_folder(cfg.data.source):
+        return store_folder_source(cfg, cfg.data.source)[1]
     plan = StreamPlan.from_config(cfg)
     d = cfg.data
     if d.doc_boundary not in ("cross", "mask"):

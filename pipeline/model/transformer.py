@@ -446,6 +446,26 @@ class Transformer(nn.Module):
         return torch.cat(out, dim=1)
 
 
+def reference_vocab(preset: str, data_vocab: int) -> int:
+    """The preset's reference vocabulary when it covers the tokenizer's ids, else the tokenizer's: the model of a
+    preset then has the preset's documented size (e.g. "125M" with GPT-2's 50,257 ids), whatever smaller
+    vocabulary the data was tokenized with (bench/gpu_check.py, the speedup study's GPU setting)."""
+    return max(PRESETS[preset]["vocab_size"], int(data_vocab))
+
+
+def model_summary(model_cfg, vocab_size: int, seq_len: int) -> dict:
+    """Shape, parameter counts and training FLOPs per latent position of a `ModelConfig` (built on the meta
+    device: no memory, no time)."""
+    mcfg = resolve_model_config(model_cfg, model_cfg.vocab_size or vocab_size)
+    with torch.device("meta"):
+        m = Transformer(mcfg)
+    return {"preset": model_cfg.preset, "hidden_size": mcfg.hidden_size, "num_layers": mcfg.num_layers,
+            "num_heads": mcfg.num_heads, "num_kv_heads": mcfg.num_kv_heads,
+            "intermediate_size": mcfg.intermediate_size, "vocab_size": mcfg.vocab_size,
+            "params": int(m.num_params()), "params_non_embedding": int(m.num_params(exclude_embedding=True)),
+            "flops_per_position": int(m.flops_per_position(seq_len))}
+
+
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """logits (B, V) float -> ids (B,). temperature <= 0: greedy. top_k / top_p filter before sampling."""
     if temperature is None or temperature <= 0:

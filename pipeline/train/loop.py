@@ -119,10 +119,14 @@ class Trainer:
     """State of one rank's run: model, optimizer, data source, schedule. `run()` trains to the end."""
 
     def __init__(self, cfg: Config, source, reporter: Reporter, *, vocab_size: int,
-                 device: Optional[torch.device] = None, tokenizer_path: Optional[str] = None):
+                 device: Optional[torch.device] = None, tokenizer_path: Optional[str] = None,
+                 checkpoints: bool = True):
         from tst_ops import schedule
 
         self.cfg = cfg
+        # checkpoints=False: the steps that would write one report their metrics only (a throughput measurement,
+        # bench/gpu_check.py, whose intervals must not include disk I/O; such a run cannot be resumed)
+        self.checkpoints = checkpoints
         self.source = source
         self.reporter = reporter
         self.tokenizer_path = tokenizer_path
@@ -204,6 +208,9 @@ class Trainer:
     def save(self, metrics: Optional[dict]) -> None:
         from pipeline.train.checkpoint import save_checkpoint
 
+        if not self.checkpoints:
+            self.reporter.report(metrics, None, self.state.step)
+            return
         staging = self.reporter.staging_dir(self.state.step)
         save_checkpoint(staging, self.model, self.optimizer, self.meta(), self.rank, self.tokenizer_path)
         if self.distributed:
@@ -574,7 +581,8 @@ class LocalReporter:
 
 
 def train(cfg: Config, source, reporter: Reporter, *, vocab_size: int, device: Optional[torch.device] = None,
-          tokenizer_path: Optional[str] = None) -> dict:
+          tokenizer_path: Optional[str] = None, checkpoints: bool = True) -> dict:
     """Run (or resume) a whole TST run on this rank. Works in one process or inside a Ray Train worker."""
-    trainer = Trainer(cfg, source, reporter, vocab_size=vocab_size, device=device, tokenizer_path=tokenizer_path)
+    trainer = Trainer(cfg, source, reporter, vocab_size=vocab_size, device=device, tokenizer_path=tokenizer_path,
+                      checkpoints=checkpoints)
     return trainer.run()

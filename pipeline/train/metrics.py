@@ -5,6 +5,7 @@ the Ray Train controller through a callback), never from every worker; the loop 
 
 FLOPs per latent position come from `Transformer.flops_per_position` (the design notes' count, causal attention
 counted once); embedding lookups cost nothing, so a superposition step costs the FLOPs of a recovery step.
+`phase_figures` reads a phase's steady throughput back from the logged intervals.
 """
 
 from __future__ import annotations
@@ -166,3 +167,39 @@ class StepTimer:
             "positions_per_s": self.positions / dt,
             "data_wait_frac": self.wait / dt,
         }
+
+
+# -- a phase's steady throughput, from the logged intervals (bench/gpu_check.py) ---------------------------------------
+def steady_intervals(records: list[dict], phase: str) -> list[dict]:
+    """The log intervals of a phase that measure steady training: not the first interval of the phase (warm-up,
+    compilation, allocator growth) and not an interval that ends with an evaluation (its time includes it)."""
+    rows = [r for r in records if r.get("phase") == phase and r.get("kind") != "final"]
+    return [r for r in rows[1:] if "val_loss" not in r]
+
+
+def phase_figures(records: list[dict], phase: str, matmul_flops: Optional[float] = None) -> dict:
+    """Medians over a phase's steady intervals: steps/s, latent positions/s, raw tokens/s, TFLOP/s, the data-wait
+    fraction, MFU against the datasheet peak (when every interval has one) and against a measured matmul rate
+    (`mfu_vs_measured_matmul`, FLOP/s). {"intervals": 0} when the phase has no steady interval."""
+    import statistics
+
+    rows = steady_intervals(records, phase)
+    if not rows:
+        return {"intervals": 0}
+
+    def med(k):
+        return statistics.median(float(r[k]) for r in rows)
+
+    out = {
+        "intervals": len(rows),
+        "steps_per_s": 1.0 / med("step_time_s"),
+        "step_time_s": med("step_time_s"),
+        "positions_per_s": med("positions_per_s"),
+        "tokens_per_s": med("tokens_per_s"),
+        "tflops_per_s": med("tflops_per_s"),
+        "data_wait_frac": med("data_wait_frac"),
+        "bag_size": rows[0].get("bag_size"),
+    }
+    out["mfu_datasheet"] = med("mfu") if all(r.get("mfu") is not None for r in rows) else None
+    out["mfu_vs_measured_matmul"] = out["tflops_per_s"] * 1e12 / matmul_flops if matmul_flops else None
+    return out

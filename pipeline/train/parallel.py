@@ -91,3 +91,20 @@ def _blocks(model: nn.Module):
     if layers is None:
         raise TypeError("model has no `layers` ModuleList of transformer blocks")
     return layers.values() if isinstance(layers, nn.ModuleDict) else layers
+
+
+def init_single_process_group(device: torch.device) -> None:
+    """A one-rank process group (gloo on CPU, NCCL on CUDA) on a free local port, so that the Ray-free loop
+    applies FSDP2 (+ the bf16 MixedPrecisionPolicy) in one process, exactly as each rank of a multi-worker run
+    does (bench/gpu_check.py's throughput runs). Nothing when a group exists already."""
+    import socket
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=0, world_size=1)
