@@ -2,8 +2,9 @@
 
 Why: the fused loss (``fused.py``) exists to avoid holding the (N, V) logits; these helpers measure what that
 buys (peak memory) and what it costs (time), like for like. ``bench/ops.py`` is the command line over them
-(the CPU table of the design notes, each path's memory in its own process); ``bench/gpu_check.py`` reuses the
-inputs and paths on CUDA. The paths:
+(the CPU table of the design notes, each path's memory in its own process); ``bench/gpu_check.py`` measures
+each path on CUDA with ``measure_loss_config`` (CUDA events: ``time_ms``; ``cuda_peak_memory``) and the
+GPU's attainable matmul rate with ``matmul_rate``. The paths:
 - "reference": materialised logits ``hidden @ W.T``, one ``log_softmax`` and a gather
   (:func:`tst_ops.multi_hot_cross_entropy`), eager;
 - "reference_compiled": the same function under ``torch.compile``;
@@ -21,10 +22,11 @@ Imports nothing but torch, the standard library and ``tst_ops``.
 
 from __future__ import annotations
 
+import gc
 import re
 import statistics
 import time
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -173,3 +175,100 @@ def summarize(rows):
         best = min(by["reference"]["time_s"], by["reference_compiled"]["time_s"])
         lines.append(f"s={s:<3d} fused / fastest reference time x{f['time_s'] / best:.3f}")
     return lines
+
+
+# -- CUDA-event timing (bench/gpu_check.py) ---------------------------------------------------------------------------
+def time_ms(fn: Callable[[], Any], device, reps: int, warmup: int) -> list[float]:
+    """Milliseconds of each of `reps` calls after `warmup` calls: CUDA events on a GPU, perf_counter on CPU."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    out = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize(device)
+            out.append(float(a.elapsed_time(b)))
+        else:
+            t = _clock()
+            fn()
+            out.append((_clock() - t) * 1e3)
+    return out
+
+
+def free_memory(device) -> None:
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def cuda_peak_memory(fn: Callable[[], Any], device) -> Optional[dict]:
+    """Peak allocated bytes of one call, and the part above what was allocated before it (CUDA only, else None)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    free_memory(device)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    return {"peak_bytes": int(peak), "above_inputs_bytes": int(peak - base)}
+
+
+def matmul_rate(n: int, device, reps: int, warmup: int = 3) -> dict:
+    """An n^3 matmul (bf16 on CUDA, fp32 on CPU), median of `reps` timed calls: the "measured peak" that MFU is also
+    reported against. flops_per_s = 2 n^3 / median seconds."""
+    device = torch.device(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device, dtype)
+    b = torch.randn(n, n, generator=g).to(device, dtype)
+    c = torch.empty(n, n, device=device, dtype=dtype)
+    ms = time_ms(lambda: torch.mm(a, b, out=c), device, reps, warmup)
+    med = statistics.median(ms)
+    flops = 2.0 * n ** 3
+    return {"n": n, "dtype": str(dtype).replace("torch.", ""), "ms_median": med, "ms_all": ms,
+            "tflops_per_s": flops / (med / 1e3) / 1e12, "flops_per_s": flops / (med / 1e3)}
+
+
+def measure_loss_config(n: int, d: int, v: int, s: int, dtype, device, path: str, reps: int = 5, warmup: int = 2,
+                        seed: int = 0) -> dict:
+    """Forward + backward of one loss path (``make_inputs``, ``make_step``) on (N, D) hidden states, a (V, D) head
+    and (N, s) targets: the first call (compile / Triton JIT / autotune) timed apart, then ``time_ms`` of `reps`
+    calls after `warmup - 1` more, and (CUDA) the peak memory above the inputs. matmul_tflops_per_s counts the
+    three matmuls of forward + backward, 6 N D V."""
+    device = torch.device(device)
+    h, w, t = make_inputs(n, d, v, s, device=device, dtype=dtype, seed=seed)
+    step_fn = make_step(path)
+
+    def step():
+        return step_fn(h, w, t)
+
+    t_first = time.perf_counter()
+    step()
+    _sync(device)
+    first_s = time.perf_counter() - t_first
+    ms = time_ms(step, device, reps, max(0, warmup - 1))
+    mem = cuda_peak_memory(step, device)
+    med = statistics.median(ms)
+    out = {"path": path, "ms_median": med, "ms_all": ms, "first_call_s": first_s,
+           "matmul_tflops_per_s": 6.0 * n * d * v / (med / 1e3) / 1e12, "measured_with": "tst_ops.bench.make_step"}
+    if mem:
+        out.update(mem)
+    del h, w, t, step_fn
+    free_memory(device)
+    return out
+
+
+def ratios(row: dict, other: str, suffix: str) -> None:
+    """Into `row`: fused / `other` median time and (when both were measured) peak memory above the inputs."""
+    f, r = row["fused"], row[other]
+    row[f"fused_over_{suffix}_time"] = f["ms_median"] / r["ms_median"]
+    if "above_inputs_bytes" in f and "above_inputs_bytes" in r:
+        row[f"fused_over_{suffix}_peak_memory"] = f["above_inputs_bytes"] / r["above_inputs_bytes"]
