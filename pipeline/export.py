@@ -338,9 +338,11 @@ def export_checkpoint(
     max_shard_size="5GB",
     mlflow_run_id: Optional[str] = None,
     tracking_uri: Optional[str] = None,
+    output_dir: str = "outputs",
 ) -> dict:
     """Write an HF-loadable folder from a checkpoint. dtype: None (keep the checkpoint's), float32, bfloat16,
-    float16. Returns a summary dict (files, step, phase, parameter count)."""
+    float16. With `mlflow_run_id`, log the folder to that run in the store `tracking_uri` / `output_dir` name (as
+    `tst train` resolves them). Returns a summary dict (files, step, phase, parameter count)."""
     from pipeline.model.transformer import to_hf_state_dict
 
     sd, meta, ckpt = load_checkpoint(checkpoint)
@@ -381,15 +383,21 @@ def export_checkpoint(
     with open(os.path.join(out_dir, "tst_export.json"), "w") as f:
         json.dump({**summary, "config": meta.get("config")}, f, indent=2)
     if mlflow_run_id:
-        log_export_to_mlflow(out_dir, mlflow_run_id, tracking_uri)
+        log_export_to_mlflow(out_dir, mlflow_run_id, tracking_uri, output_dir)
     return summary
 
 
-def log_export_to_mlflow(out_dir: str, run_id: str, tracking_uri: Optional[str] = None) -> None:
-    """Attach the export folder to an MLflow run as the artifact directory `export/` (mlflow imported here)."""
+def log_export_to_mlflow(out_dir: str, run_id: str, tracking_uri: Optional[str] = None,
+                         output_dir: str = "outputs") -> None:
+    """Attach the export folder to an MLflow run as the artifact directory `export/` (mlflow imported here). The
+    store is the one every command uses (pipeline.report.tracking.resolve_tracking_uri: --tracking-uri, else
+    $MLFLOW_TRACKING_URI, else <output_dir>/mlflow.db), not MLflow's own default (./mlflow.db in the current folder,
+    where `tst train` never logs)."""
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    from pipeline.report.tracking import resolve_tracking_uri
+
+    client = mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri, output_dir, create_dir=False))
     client.log_artifacts(run_id, out_dir, artifact_path="export")
 
 
@@ -456,6 +464,7 @@ def _cmd_export(args) -> int:
         max_shard_size=args.max_shard_size,
         mlflow_run_id=args.mlflow_run_id,
         tracking_uri=args.tracking_uri,
+        output_dir=args.output_dir,
     )
     print(
         f"exported step {summary['step']} ({summary['phase']}) of {summary['checkpoint']}: "

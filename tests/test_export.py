@@ -230,6 +230,22 @@ def test_reexport_into_the_same_folder_leaves_no_stale_weights(trained, tmp_path
         assert k == k2 and torch.equal(v, v2.to(torch.bfloat16))
 
 
+def test_export_logs_to_the_store_tst_train_uses(trained, tmp_path, monkeypatch):
+    """--mlflow-run-id finds the run where tst train logged it (<output-dir>/mlflow.db by default), not in
+    MLflow's own default store (./mlflow.db), which it must not create."""
+    mlflow = pytest.importorskip("mlflow")
+    from pipeline.report.tracking import resolve_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    client = mlflow.MlflowClient(resolve_tracking_uri(None, "outputs"))  # the store of tst train's default
+    exp = client.create_experiment("tst", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(exp).info.run_id
+    cli("export", trained["ckpt"], str(tmp_path / "hf"), "--mlflow-run-id", run_id)
+    assert "export/config.json" in {a.path for a in client.list_artifacts(run_id, "export")}
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_superposition_checkpoint_exports_with_warning(trained, tmp_path):
     transformers = _transformers()
     with pytest.warns(UserWarning, match="superposition phase"):

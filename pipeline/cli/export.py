@@ -30,7 +30,9 @@ def register(subparsers) -> None:
                    help="cast the weights (default: keep the checkpoint's)")
     p.add_argument("--max-shard-size", default="5GB", help="split safetensors above this size (e.g. 2GB, 500MB)")
     p.add_argument("--mlflow-run-id", default=None, help="also log the export as artifacts of this MLflow run")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///<output-dir>/mlflow.db)")
+    p.add_argument("--output-dir", default="outputs", help="where mlflow.db lives (default: outputs, as tst train)")
     p.set_defaults(func=_cmd_export)
 
     g = subparsers.add_parser(

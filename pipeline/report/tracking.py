@@ -28,7 +28,7 @@ from pipeline.errors import TrackingError
 
 def resolve_tracking_uri(tracking_uri: Optional[str] = None, output_dir: str = "outputs", *,
                          create_dir: bool = True) -> str:
-    """The MLflow tracking URI of every command (train, tune, compare):
+    """The MLflow tracking URI of every command (train, tune, compare, export --mlflow-run-id):
     `tracking_uri` (--tracking-uri / run.tracking_uri), else $MLFLOW_TRACKING_URI, else
     `sqlite:///<output_dir>/mlflow.db`. A SQLite path is made absolute against the current folder, so that every
     process that opens it (the driver, Ray Train's controller, a later `mlflow ui`) means the same file.
