@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batches", type=int, default=4, help="batches averaged on each side of the switch")
     ap.add_argument("--intervene", choices=["refresh_v", "reset_optimizer", "reinit"],
                     help="also train a branch from the switch checkpoint with this change (see above)")
+    ap.add_argument("--json", metavar="PATH", help="also write the returned figures (and the branch's summary) here")
     a = ap.parse_args(argv)
 
     from pipeline.train.checkpoint import load_checkpoint
@@ -113,6 +114,11 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"rms": table, "switch_step": sw}
     if a.intervene:
         out["branch"] = branch(a, cfg, ckpt, model, opt, rec_sq, vocab)
+    if a.json:
+        import json
+
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1, default=str)
     return out
 
 
@@ -121,7 +127,7 @@ def branch(a, cfg, ckpt: str, model, opt, rec_sq: dict, vocab: int) -> dict:
     import json
     import shutil
 
-    from bench.speedup import copy_history
+    from pipeline.study.branches import copy_history
     from pipeline.train.checkpoint import read_meta, save_checkpoint
     from pipeline.runner import run_training
 

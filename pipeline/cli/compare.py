@@ -11,15 +11,32 @@ import sys
 import warnings
 
 
+def _with_branches(baselines: list[str], output_dir: str) -> list[str]:
+    """Each baseline that is a run folder (or a name under <output_dir>/runs), followed by its decay branches
+    (`tst train-branches`: the folders beside it whose BRANCH.json names it)."""
+    import os
+
+    from pipeline.study.branches import branches_of
+
+    out = []
+    for ref in baselines:
+        out.append(ref)
+        folder = ref if os.path.isdir(ref) else os.path.join(output_dir, "runs", ref)
+        if os.path.isfile(os.path.join(folder, "metrics.jsonl")):
+            out += [b for b in branches_of(folder) if b not in out]
+    return out
+
+
 def _cmd(args) -> int:
     from pipeline.report.compare import compare_runs
     from pipeline.report.curves import format_table
 
+    baselines = _with_branches(args.baselines, args.output_dir) if args.branches else args.baselines
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = compare_runs(
             args.tst,
-            args.baselines,
+            baselines,
             tracking_uri=args.tracking_uri,
             experiment=args.experiment,
             output_dir=args.output_dir,
@@ -62,6 +79,9 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="compare.png", help="PNG figure path (default: compare.png)")
     p.add_argument("--json", default=None, help="also write the figures as JSON here")
     p.add_argument("--no-log", action="store_true", help="do not log the PNG/JSON to the TST run in MLflow")
+    p.add_argument("--branches", action="store_true",
+                   help="add every WSD decay branch of each baseline run folder (`tst train-branches`): the "
+                        "baselines' fully-decayed final points at several lengths")
     p.add_argument("--no-detect", action="store_true",
                    help="take the first argument as the TST run even if its params say otherwise")
     p.set_defaults(func=_cmd)

@@ -1,9 +1,10 @@
-"""`tst data inspect`, `tst tokenizer train`, `tst data build-corpus`.
+"""`tst data inspect`, `tst tokenizer train`, `tst data build-corpus`, `tst data chunk-corpus`.
 
     tst data prepare [--config recipes/tiny.yaml] [--no-ray] [key=value ...]   # tokenize once into the token store
     tst data inspect --config recipes/tiny.yaml [key=value ...]   # what the model will read (from the store)
     tst tokenizer train --config recipes/tiny.yaml --vocab-size 8192 [--out tok.json]
     tst data build-corpus --out data/bench100 [--mb 100] [--no-debian]
+    tst data chunk-corpus data/bench100 --out data/bench100_chunks [--max-chars 2000] [--mb 30]
 
 Imports nothing heavy at registration time.
 """
@@ -55,6 +56,17 @@ def register(subparsers) -> None:
     bc.add_argument("--no-debian", action="store_true", help="only the builtin corpora (about 10 MB)")
     bc.add_argument("--seed", type=int, default=0, help="document shuffle seed; -1 keeps source order")
     bc.set_defaults(func=cmd_build_corpus)
+    cc = dsub.add_parser("chunk-corpus", help="cut a JSONL corpus into shuffled pieces of at most 2,000 characters",
+                         description="Split every document of a JSONL corpus folder (from build-corpus) into pieces "
+                                     "of at most --max-chars characters (at line breaks where possible), shuffle "
+                                     "them with a fixed seed and write them as JSONL shards: every batch is then a "
+                                     "mixture even in the stream layout (the speedup study's data).")
+    cc.add_argument("src", help="JSONL corpus folder (tst data build-corpus --out SRC)")
+    cc.add_argument("--out", required=True, help="output folder for the pieces (a summary OUT.json is written beside)")
+    cc.add_argument("--max-chars", type=int, default=2000, help="characters per piece at most (default 2000)")
+    cc.add_argument("--mb", type=float, default=None, help="write at most this many MB of pieces")
+    cc.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
+    cc.set_defaults(func=cmd_chunk_corpus)
 
     tok = subparsers.add_parser("tokenizer", help="train a byte-level BPE on the corpus")
     tsub = tok.add_subparsers(dest="tokenizer_command", metavar="TOKENIZER_COMMAND")
@@ -258,4 +270,14 @@ def cmd_build_corpus(args) -> int:
                            shuffle_seed=None if args.seed < 0 else args.seed)
     print(f"wrote {summary['mb']} MB in {summary['shards']} shard(s) to {summary['out']} "
           f"(use data.source={summary['out']})", file=sys.stdout)
+    return 0
+
+
+# -- tst data chunk-corpus -----------------------------------------------------------------------------------------
+def cmd_chunk_corpus(args) -> int:
+    from pipeline.data.corpus import chunk_corpus
+
+    info = chunk_corpus(args.src, args.out, args.max_chars, args.mb, args.seed)
+    print(f"wrote {info['pieces_written']:,} of {info['pieces_total']:,} pieces ({info['mb']} MB) in {info['shards']} "
+          f"shard(s) to {info['dst']} (use data.source={info['dst']})", file=sys.stdout)
     return 0

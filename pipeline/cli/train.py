@@ -1,4 +1,4 @@
-"""`tst train` and `tst demo`."""
+"""`tst train`, `tst demo` and `tst train-branches`."""
 
 from __future__ import annotations
 
@@ -46,6 +46,23 @@ def register(sub) -> None:
     d.add_argument("--output-dir", default=None)
     d.add_argument("overrides", nargs="*", metavar="key=value")
     d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser(
+        "train-branches", help="WSD decay branches of a finished baseline run: fully-decayed baselines of shorter "
+                               "lengths for the price of their decay",
+        description="Train decay branches of a baseline run (s=1 or r=0) in this process: each branch of T_k steps "
+                    "resumes from the run's newest checkpoint at or before its own decay start "
+                    "(T_k - round(decay_fraction T_k)) and trains its decay, which is the run a separate T_k-step "
+                    "baseline would have made (pipeline.study.branches). They are written beside the run as "
+                    "RUN-branch-T<k>; compare TST with all of them: `tst compare TST_RUN RUN --branches`. Train the "
+                    "long run with train.checkpoint_every at or below the shortest branch's decay start and enough "
+                    "train.keep_checkpoints; a branch with no checkpoint before it is trained from scratch.")
+    b.add_argument("run", help="the long baseline: a run name under --output-dir/runs, or a run folder")
+    b.add_argument("--steps", required=True,
+                   help="branch lengths, comma-separated: steps (300,450) or fractions of the run's T (0.5,0.75)")
+    b.add_argument("--output-dir", default=None, help="where runs/RUN lives (default: outputs)")
+    b.add_argument("--no-reuse", action="store_true", help="retrain branches that already finished")
+    b.set_defaults(func=cmd_train_branches)
 
 
 def _load(args) -> Config:
@@ -124,4 +141,22 @@ def cmd_demo(args) -> int:
     from pipeline.report.tracking import mlflow_command
 
     print(f"Browse both runs: {mlflow_command()} ui --backend-store-uri {runs['tst'].get('tracking_uri', '')}")
+    return 0
+
+
+def cmd_train_branches(args) -> int:
+    from pipeline.study.branches import read_run_config, train_branches
+
+    out = args.output_dir or "outputs"
+    folder = args.run if os.path.isdir(args.run) else os.path.join(out, "runs", args.run)
+    if not os.path.isdir(folder):
+        raise ConfigError(f"no run folder '{folder}'; pass a run name under {out}/runs or a run folder")
+    vals = [float(x) for x in args.steps.split(",") if x.strip()]
+    if all(v < 1 for v in vals):  # fractions of the run's length
+        total = read_run_config(folder).train.steps
+        vals = [round(v * total) for v in vals]
+    done = train_branches(folder, [int(v) for v in vals], reuse=not args.no_reuse)
+    print(f"{'branch steps':>12} {'final val loss':>15}  run folder")
+    for steps, summary in sorted(done.items()):
+        print(f"{steps:>12} {summary.get('final_val_loss'):>15.4f}  {summary.get('run_dir')}")
     return 0

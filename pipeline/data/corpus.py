@@ -14,6 +14,9 @@ Builtin sources, usable as `data.source=builtin:NAME` (alone or in a comma-separ
 (`{"text", "source"}` per line): the three builtins, then the text of Debian documentation packages fetched
 with `apt-get download` and unpacked with `dpkg-deb -x` (needs a Debian/Ubuntu machine with apt sources; the
 text is mostly technical English). Documents are shuffled with a fixed seed when `--shuffle-seed` is given.
+
+`tst data chunk-corpus SRC --out DST [--max-chars 2000] [--mb N]` (`chunk_corpus`) cuts such a corpus into
+shuffled pieces of at most 2,000 characters: what the speedup study (bench/speedup.py) trains on.
 """
 
 from __future__ import annotations
@@ -232,3 +235,65 @@ def build_corpus(out_dir: str, target_mb: float = 100.0, shard_mb: float = 32.0,
     if written < limit:
         log.warning("build-corpus wrote %.1f MB, less than the %.0f MB asked (not enough sources reachable)", written / 1e6, target_mb)
     return summary
+
+
+def chunk_corpus(src: str, dst: str, max_chars: int = 2000, max_mb: Optional[float] = None, seed: int = 0) -> dict:
+    """Split every document of a JSON Lines corpus folder into pieces of at most `max_chars` characters (at line
+    breaks where possible), shuffle the pieces with a fixed seed and write them (up to `max_mb` MB) as JSONL shards
+    under `dst`, with a summary `<dst>.json` beside the folder (every file inside it is read as data).
+
+    Why: in the stream layout a step's windows are consecutive (docs/interfaces.md), so a document of 1.6M
+    characters (the kernel's "ABI testing symbols" page) fills ~250 consecutive steps of a 16 x 128 batch on its
+    own: batches stop being mixtures, the training loss collapses on that one document and the held-out loss jumps
+    (seen at 9.2 nats in a first attempt). Shuffled pieces make every step's batch a mixture again.
+    """
+    import glob
+
+    files = sorted(glob.glob(os.path.join(src, "*.jsonl")))
+    if not files:
+        raise DataError(f"chunk-corpus: no *.jsonl in {src} (build it with `tst data build-corpus --out {src}`)")
+    pieces: list[tuple[str, str]] = []
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                d = json.loads(line)
+                text, source = d.get("text") or "", d.get("source", "")
+                cur = ""
+                for ln in text.splitlines(keepends=True):
+                    while len(ln) > max_chars:  # a single over-long line: hard split
+                        if cur:
+                            pieces.append((cur, source))
+                            cur = ""
+                        pieces.append((ln[:max_chars], source))
+                        ln = ln[max_chars:]
+                    if len(cur) + len(ln) > max_chars and cur:
+                        pieces.append((cur, source))
+                        cur = ""
+                    cur += ln
+                if cur.strip():
+                    pieces.append((cur, source))
+    random.Random(seed).shuffle(pieces)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.makedirs(dst)
+    budget = int(max_mb * 1e6) if max_mb else None
+    written, n, shard, f = 0, 0, 0, None
+    for text, source in pieces:
+        if budget is not None and written >= budget:
+            break
+        if f is None or f.tell() > 32e6:
+            if f:
+                f.close()
+            f = open(os.path.join(dst, f"corpus-{shard:05d}.jsonl"), "w", encoding="utf-8")
+            shard += 1
+        f.write(json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n")
+        written += len(text.encode("utf-8"))
+        n += 1
+    if f:
+        f.close()
+    info = {"src": src, "dst": dst, "max_chars": max_chars, "seed": seed, "pieces_total": len(pieces),
+            "pieces_written": n, "mb": round(written / 1e6, 1), "shards": shard}
+    with open(dst.rstrip("/") + ".json", "w") as g:
+        json.dump(info, g, indent=1)
+    return info
