@@ -31,18 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tst_ops import auto_chunk_size  # noqa: E402
-from tst_ops.bench import (  # noqa: E402,F401  (re-exported: bench/gpu_check.py loads this file by path)
-    CPU_MEMORY_ENV,
-    PATHS,
-    make_inputs,
-    make_step,
-    peak_bytes_of,
-    peak_memory_bytes,
-    run_one,
-    summarize,
-    time_calls,
-    time_paths,
-)
+from tst_ops.bench import CPU_MEMORY_ENV, PATHS, peak_memory_bytes, summarize, time_paths  # noqa: E402
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -2,14 +2,16 @@
 
 One module-scoped run of the whole script (`--tiny`, every section, small shapes, a few steps) on a small token
 store prepared by the package (builtin:pydoc with a 512-id BPE: seconds); the tests then read its gpu_check.json.
-The script reads the store through the project's torch-only reader, in a process where numpy is blocked.
+The script reads the store through the project's torch-only reader, in a process where numpy is blocked. The
+script is only ever run (as a subprocess); the figures' arithmetic is tested on the package functions it calls
+(tst_ops.check, tst_ops.bench, pipeline.train.metrics, pipeline.study.pair).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -19,11 +21,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.data import store_folder_info
+from pipeline.data.batch import StoreSource
+from pipeline.data.plan import StreamPlan
+from pipeline.study.pair import compare_pair
+from pipeline.train.metrics import phase_figures
+from tst_ops import bench, check
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "gpu_check.py"
-sys.path.insert(0, str(REPO / "bench"))
 
-import gpu_check  # noqa: E402
+
+def run_script(*args, timeout=300):
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
 
 EXPECTED = ("env", "correctness", "matmul", "kernels", "train", "compare", "kernels_compiled")
 
@@ -39,7 +50,7 @@ def packed(tmp_path_factory):
     cfg = DataConfig(source="builtin:pydoc", tokenizer="bpe:512", val_fraction=0.05)
     tok = load_tokenizer(cfg, str(d))
     prep = ensure_store(cfg, tok, str(d), "local")
-    return Path(prep.uri), gpu_check.load_store(prep.uri)["header"]
+    return Path(prep.uri), store_folder_info(prep.uri)
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +88,8 @@ def test_store_header_and_torch_only_source(packed):
     out, h = packed
     assert h["format"] == "tst-token-store" and h["dtype"] == "uint16"
     assert h["vocab_size"] == 512 and 0 <= h["eos_id"] < 512 and h["val_tokens"] > 0
-    src = gpu_check.make_source(gpu_check.load_store(str(out)), total_steps=10, switch_fraction=0.3, bag_size=6,
-                                seq_len=16, global_batch_size=4, val_windows=5)
+    src = StoreSource(str(out), StreamPlan(total_steps=10, switch_fraction=0.3, bag_size=6, seq_len=16,
+                                           global_batch_size=4, val_windows=5))
     w = src.step_windows(0, 0, 1)
     assert w.shape == (4, 6 * 16 + 6) and w.dtype == torch.int64 and int(w.max()) < 512
     assert int((src.store.read("train", 0, h["train_tokens"]) == h["eos_id"]).sum()) == h["train_documents"]
@@ -148,7 +159,7 @@ def test_training_figures(report):
     run = tr["runs"][0]
     assert run["status"] == "finished" and run["fsdp"] is True and run["world_size"] == 1
     assert run["compile"] is False and run["switch_step"] == run["steps"] // 2
-    assert run["source"] == "StoreSource"
+    assert os.path.basename(run["data_store"]) == report[0]["data"]["store"]  # the store given, read by the runner
     for ph in ("superposition", "recovery"):
         f = run[ph]
         assert f["intervals"] >= 1
@@ -190,13 +201,13 @@ CPU = torch.device("cpu")
 
 def test_error_measures_and_tolerances_by_hand():
     # max |a - ref| / max |ref| = 0.5 / 2
-    assert gpu_check._rel(torch.tensor([1.0, 2.5]), torch.tensor([1.0, 2.0])) == pytest.approx(0.25)
-    bf16, fp32 = gpu_check.TOL["bfloat16"], gpu_check.TOL["float32"]
-    assert gpu_check.grad_ok(0.02, 1.0, bf16)  # under the plain 3e-2
-    assert gpu_check.grad_ok(0.05, 0.03, bf16)  # 0.05 <= min(0.1, 2 x 0.03)
-    assert not gpu_check.grad_ok(0.07, 0.03, bf16)  # 0.07 > 0.06
-    assert not gpu_check.grad_ok(0.11, 1.0, bf16)  # over the 0.1 cap whatever unfused bf16 does
-    assert not gpu_check.grad_ok(2e-4, 1.0, fp32)  # fp32 has no "no worse than unfused" escape
+    assert check.rel_err(torch.tensor([1.0, 2.5]), torch.tensor([1.0, 2.0])) == pytest.approx(0.25)
+    bf16, fp32 = check.TOL["bfloat16"], check.TOL["float32"]
+    assert check.grad_ok(0.02, 1.0, bf16)  # under the plain 3e-2
+    assert check.grad_ok(0.05, 0.03, bf16)  # 0.05 <= min(0.1, 2 x 0.03)
+    assert not check.grad_ok(0.07, 0.03, bf16)  # 0.07 > 0.06
+    assert not check.grad_ok(0.11, 1.0, bf16)  # over the 0.1 cap whatever unfused bf16 does
+    assert not check.grad_ok(2e-4, 1.0, fp32)  # fp32 has no "no worse than unfused" escape
 
 
 def test_time_ms_counts_calls_and_reports_milliseconds():
@@ -206,26 +217,25 @@ def test_time_ms_counts_calls_and_reports_milliseconds():
         calls.append(1)
         time.sleep(0.02)
 
-    ms = gpu_check.time_ms(nap, CPU, reps=3, warmup=2)
+    ms = bench.time_ms(nap, CPU, reps=3, warmup=2)
     assert len(calls) == 5 and len(ms) == 3
     assert all(20.0 <= x < 1000.0 for x in ms), ms  # 20 ms sleeps, in milliseconds
 
 
 def test_matmul_and_kernel_rates_from_known_timings(monkeypatch):
-    ctx = {"p": gpu_check.PROFILES["tiny"], "device": CPU}
-    monkeypatch.setattr(gpu_check, "time_ms", lambda fn, dev, reps, warmup: [2.0, 1.0, 4.0])  # median 2 ms
-    mm = gpu_check.section_matmul(ctx)
+    monkeypatch.setattr(bench, "time_ms", lambda fn, dev, reps, warmup: [2.0, 1.0, 4.0])  # median 2 ms
+    mm = bench.matmul_rate(256, CPU, reps=3)
     # 2 x 256^3 = 33,554,432 FLOP in 2 ms: 1.6777216e10 FLOP/s
     assert mm["ms_median"] == 2.0 and mm["tflops_per_s"] == pytest.approx(0.016777216, rel=1e-12)
-    assert ctx["matmul_flops_per_s"] == pytest.approx(1.6777216e10, rel=1e-12)
-    row = gpu_check.measure_loss_config(256, 64, 1003, 6, torch.float32, CPU, "fused", reps=3, warmup=1)
+    assert mm["flops_per_s"] == pytest.approx(1.6777216e10, rel=1e-12)
+    row = bench.measure_loss_config(256, 64, 1003, 6, torch.float32, CPU, "fused", reps=3, warmup=1)
     # the three matmuls of forward + backward: 6 x 256 x 64 x 1003 = 98,598,912 FLOP in 2 ms
     assert row["ms_median"] == 2.0 and row["matmul_tflops_per_s"] == pytest.approx(0.049299456, rel=1e-12)
     r = {"fused": {"ms_median": 3.0, "above_inputs_bytes": 100}, "reference": {"ms_median": 12.0, "above_inputs_bytes": 400}}
-    gpu_check._ratios(r, "reference", "reference")
+    bench.ratios(r, "reference", "reference")
     assert r["fused_over_reference_time"] == 0.25 and r["fused_over_reference_peak_memory"] == 0.25
     r = {"fused": {"ms_median": 3.0}, "reference_compiled": {"ms_median": 2.0}}  # CPU: no memory figures
-    gpu_check._ratios(r, "reference_compiled", "compiled_reference")
+    bench.ratios(r, "reference_compiled", "compiled_reference")
     assert r == {"fused": {"ms_median": 3.0}, "reference_compiled": {"ms_median": 2.0},
                  "fused_over_compiled_reference_time": 1.5}
 
@@ -244,37 +254,35 @@ def test_phase_figures_from_known_intervals():
         rec(12, "recovery", 0.1, 1280.0, 1280.0, 0.02, 0.0),  # the other phase: not counted
         rec(12, "superposition", 0.01, 1e6, 1e6, 9.0, 0.0, kind="final"),  # the final record: not counted
     ]
-    f = gpu_check._phase_figures({"records": records}, "superposition", matmul_flops=1e10)
+    f = phase_figures(records, "superposition", matmul_flops=1e10)
     # medians of the three steady intervals: 0.5 s/step, 256 positions/s, 1536 tokens/s, 0.002 TFLOP/s, 0.1
     assert f == {"intervals": 3, "steps_per_s": 2.0, "step_time_s": 0.5, "positions_per_s": 256.0,
                  "tokens_per_s": 1536.0, "tflops_per_s": 0.002, "data_wait_frac": 0.1, "bag_size": 6,
                  "mfu_datasheet": None, "mfu_vs_measured_matmul": pytest.approx(0.2)}  # 2e9 / 1e10
-    assert gpu_check._phase_figures({"records": records[:1]}, "superposition", 1e10) == {"intervals": 0}
+    assert phase_figures(records[:1], "superposition", 1e10) == {"intervals": 0}
 
 
-def test_compare_section_on_known_curves(monkeypatch):
-    """section_compare on two hand-made runs: its figures are the curves' own numbers and their differences."""
+def test_compare_section_on_known_curves():
+    """The compare section's figures (pipeline.study.pair.compare_pair) on two hand-made runs: the curves' own
+    numbers and their differences."""
     val = {"compare_baseline": {5: 6.0, 10: 5.5, 15: 5.0, 20: 4.75},
            "compare_tst": {5: 5.75, 10: 5.0, 15: 4.875, 20: 4.5}}
 
-    def fake_train_run(ctx, *, name, steps, switch_fraction, bag_size, seq_len, batch, **kw):
+    def fake_run(name, switch_fraction, bag_size, steps=20, seq_len=32, batch=4):
         records = [{"step": st, "phase": "recovery", "train_loss": v + 0.1, "val_loss": v, "elapsed_s": 1.0 * st,
                     "flops": 1e9 * st, "raw_tokens": 128 * st} for st, v in val[name].items()]
         return {"name": name, "records": records, "steps": steps, "global_batch_size": batch, "seq_len": seq_len,
                 "params": 1000, "vocab_size": 512, "flops_per_position": 6000, "wall_s": 2.0,
-                "switch_step": int(switch_fraction * steps),
+                "switch_step": int(switch_fraction * steps), "bag_size": bag_size, "switch_fraction": switch_fraction,
                 "summary": {"final_val_loss": val[name][20], "status": "finished", "raw_tokens": 128 * 20,
                             "epochs": 0.1}}
 
-    monkeypatch.setattr(gpu_check, "train_run", fake_train_run)
-    ctx = {"p": gpu_check.PROFILES["tiny"], "compile_ok": False, "data": {"header": {"source": "x", "train_tokens": 10}},
-           "args": argparse.Namespace(compare_steps=None, compare_eager=False)}
-    cp = gpu_check.section_compare(ctx)
+    cp = compare_pair(fake_run("compare_baseline", 0.0, 1), fake_run("compare_tst", 0.3, 6))
     assert cp["final_val_loss_baseline"] == 4.75 and cp["final_val_loss_tst"] == 4.5
     assert cp["equal_step_diff_nats"] == pytest.approx(0.25)  # baseline 4.75 - TST 4.5 at step 20: TST better
     assert [(st, pytest.approx(d)) for st, d in cp["val_loss_diff_by_step"]] == [
         (5, 0.25), (10, 0.5), (15, 0.125), (20, 0.25)]
-    assert cp["settings"]["flops_per_run"] == 6000.0 * 4 * 32 * 20  # flops per position x B x L x T
+    assert cp["flops_per_run"] == 6000.0 * 4 * 32 * 20  # flops per position x B x L x T
 
 
 def _scaled_grad(x, f):
@@ -300,7 +308,7 @@ def test_correctness_check_fails_for_a_wrong_fused_loss(monkeypatch, defect):
         return real(h, _scaled_grad(w, 1.05), *a, **k)
 
     monkeypatch.setattr(tst_ops, "fused_linear_multi_hot_cross_entropy", wrong)
-    c = gpu_check.section_correctness({"p": gpu_check.PROFILES["tiny"], "device": CPU})
+    c = check.check_correctness(CPU)  # the tiny profile's shapes are its defaults
     assert c["passed"] is False and not any(case["passed"] for case in c["fused_loss"])
     for case in c["fused_loss"]:
         err = case["err"]
@@ -310,27 +318,28 @@ def test_correctness_check_fails_for_a_wrong_fused_loss(monkeypatch, defect):
 
 def test_budget_skips_sections_and_records_them(packed, tmp_path):
     """--max-minutes 0: every section but env is skipped as over budget, and the run still writes its JSON."""
-    rc = gpu_check.main(["--tiny", "--data", str(packed[0]), "--out", str(tmp_path), "--max-minutes", "0"])
+    r = run_script("--tiny", "--data", str(packed[0]), "--out", str(tmp_path), "--max-minutes", "0")
     rep = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert rc == 0 and rep["status"] == "passed"
+    assert r.returncode == 0 and rep["status"] == "passed", r.stderr[-2000:]
     assert rep["sections"]["env"]["status"] == "ok"
     for name in EXPECTED[1:]:
         assert rep["sections"][name]["status"] == "skipped" and "over budget" in rep["sections"][name]["reason"]
 
 
 def test_only_and_errors(tmp_path):
-    with pytest.raises(SystemExit):
-        gpu_check.main(["--tiny", "--only", "nonsense", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit):  # train needs --data
-        gpu_check.main(["--tiny", "--only", "train", "--out", str(tmp_path)])
-    rc = gpu_check.main(["--tiny", "--only", "env,matmul", "--out", str(tmp_path)])
+    r = run_script("--tiny", "--only", "nonsense", "--out", str(tmp_path))
+    assert r.returncode != 0 and "unknown section 'nonsense'" in r.stderr
+    r = run_script("--tiny", "--only", "train", "--out", str(tmp_path))  # train needs --data
+    assert r.returncode != 0 and "need --data" in r.stderr
+    r = run_script("--tiny", "--only", "env,matmul", "--out", str(tmp_path))
     rep = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert rc == 0 and rep["sections"]["correctness"]["status"] == "skipped"
+    assert r.returncode == 0 and rep["sections"]["correctness"]["status"] == "skipped"
     assert rep["sections"]["matmul"]["status"] == "ok"
 
 
-def test_script_imports_no_optional_stack():
-    """The GPU machine has no Ray, MLflow, yaml or tokenizers: the check's imports must not need them."""
+def test_script_imports_no_optional_stack(packed, tmp_path):
+    """The GPU machine has no Ray, MLflow, yaml or tokenizers: the check's imports must not need them, nor its
+    training and compare sections at run time (the runner's Ray-free driver on the store folder)."""
     code = (
         "import sys, builtins\n"
         "blocked = ('ray', 'mlflow', 'yaml', 'tokenizers')\n"
@@ -342,7 +351,11 @@ def test_script_imports_no_optional_stack():
         f"sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(REPO / 'bench')!r})\n"
         "import gpu_check, tst_ops, pipeline.model.transformer, pipeline.train.loop, pipeline.train.parallel, pipeline.train.metrics\n"
         "import pipeline.config, pipeline.train.checkpoint, pipeline.report.compare, pipeline.data, pipeline.data.reader\n"
-        "print('ok')\n"
+        "import pipeline.runner, pipeline.study.pair, pipeline.study.branches, pipeline.study.speedup, tst_ops.check, tst_ops.bench\n"
+        f"rc = gpu_check.main(['--tiny', '--only', 'train,compare', '--data', {str(packed[0])!r}, '--out', {str(tmp_path)!r}])\n"
+        "print('ok' if rc == 0 else 'failed')\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "ok", r.stdout[-2000:] + r.stderr[-2000:]
+    rep = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert rep["sections"]["train"]["status"] == "ok" and rep["sections"]["compare"]["status"] == "ok"
