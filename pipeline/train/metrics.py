@@ -14,6 +14,7 @@ import json
 import math
 import os
 import sys
+import time
 from typing import Any, Optional
 
 # Dense bf16 peak FLOP/s from the datasheets, by substring of torch.cuda.get_device_name().
@@ -120,8 +121,11 @@ class MetricsSink:
         if not metrics or "step" not in metrics:
             return
         metrics = _jsonable(metrics)
-        self.jsonl.write(metrics)
-        self.history.append(metrics)
+        # logged_at: when the record reached this sink (Unix seconds), in metrics.jsonl only: the wall-clock a user
+        # sees, e.g. command start to first step (bench/overhead.py); MLflow stamps its own times.
+        record = {**metrics, "logged_at": round(time.time(), 3)}
+        self.jsonl.write(record)
+        self.history.append(record)
         self.last.update(metrics)
         if self.tracker is not None:
             self.tracker.log_metrics(metrics, step=int(metrics["step"]))
