@@ -178,6 +178,7 @@ class RunConfig:
     experiment: str = "tst"  # MLflow experiment name
     tracking: bool = True  # record the run in MLflow (false: metrics.jsonl and summary.json only)
     parent_run_id: Optional[str] = None  # nest this run under an MLflow parent (Tune)
+    display_name: Optional[str] = None  # MLflow's run name in the UI (None: run.name); Tune sets "s4-r0.3 · search"
     resume: bool = True  # continue from the run's latest checkpoint when one exists
     allow_resume_changes: bool = False  # resume even if T, r, s, batch or data differ from the checkpoint
 

@@ -157,7 +157,7 @@ def run_training(cfg: Config, *, use_ray: bool = True, name: Optional[str] = Non
 
             run_id = MlflowTracker.find_run(uri, cfg.run.experiment, paths.name)
             tracker = MlflowTracker(uri, cfg.run.experiment, paths.name, run_id=run_id,
-                                    parent_run_id=cfg.run.parent_run_id)
+                                    parent_run_id=cfg.run.parent_run_id, display_name=cfg.run.display_name)
             tracker.log_params(run_params(cfg))  # redacted by log_params; model.* once the vocabulary is known
             world = max(1, cfg.scaling.num_workers) if use_ray else 1
             tracker.set_tags(environment_tags(world))

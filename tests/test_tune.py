@@ -264,6 +264,7 @@ def test_mlflow_holds_parent_and_one_child_per_trial(grid_search):
     for c in children:
         row = rows[c.data.tags["tst.run_name"]]
         assert c.info.status == "FINISHED"
+        assert c.info.run_name == f"{row['label']} · {parent.data.tags['tst.run_name']}"  # the point first (legends)
         p = c.data.params
         assert int(p["data.bag_size"]) == row["s"] and float(p["train.switch_fraction"]) == row["r"]
         assert p["train.steps"] == str(T) and p["train.global_batch_size"] == "4" and p["data.seq_len"] == "32"

@@ -35,6 +35,8 @@ def tst_trial(config: dict) -> None:
     label = trial_label(trial, ray.tune.get_context().get_trial_id(), meta["varying"], base_flat)
     name = f"{meta['search']}-{label}"
     cfg.run.name = name
+    # MLflow shows children under their parent and cuts long names in chart legends: the point first
+    cfg.run.display_name = f"{label} · {meta['search']}"
     cfg.run.parent_run_id = meta["parent_run_id"]
     T = cfg.train.steps
     _append_jsonl(meta["starts_file"], {"run_name": name, "trial_id": ray.tune.get_context().get_trial_id(),

@@ -164,7 +164,9 @@ class MlflowTracker:
     """One MLflow run. Created on the driver; `run_id` can be handed to another process to reopen it."""
 
     def __init__(self, uri: str, experiment: str, run_name: str, run_id: Optional[str] = None,
-                 parent_run_id: Optional[str] = None):
+                 parent_run_id: Optional[str] = None, display_name: Optional[str] = None):
+        """`run_name` is the run's identity (its folder, the `tst.run_name` tag every lookup uses); `display_name`
+        is what the MLflow UI shows and legends cut (default: the run name)."""
         import mlflow
         from mlflow.tracking import MlflowClient
 
@@ -183,10 +185,11 @@ class MlflowTracker:
         self._sender: Optional[threading.Thread] = None
         if run_id is None:
             exp_id = ensure_experiment(self.client, experiment, uri)
-            tags = {"mlflow.runName": run_name, "tst.run_name": run_name}
+            shown = display_name or run_name
+            tags = {"mlflow.runName": shown, "tst.run_name": run_name}
             if parent_run_id:
                 tags["mlflow.parentRunId"] = parent_run_id
-            run = self.client.create_run(exp_id, tags=tags, run_name=run_name)
+            run = self.client.create_run(exp_id, tags=tags, run_name=shown)
             run_id = run.info.run_id
         self.run_id = run_id
         self._mlflow = mlflow
