@@ -167,11 +167,11 @@ class Trainer:
         self.n_micro = -(-self.per_rank // self.micro)
         self.moe = bool(self.model_cfg.num_experts)  # MoE: aux loss and expert load per logging interval
         self.moe_step: Optional[dict] = None  # the last step's {"aux", "z", "counts" (n_moe, E) global}
+        self.stop_agreed = False  # set by train_step: every rank agreed to stop after this step (a SIGTERM)
         self._moe_interval: list[dict] = []  # moe_step of every step since the last log
 
     # -- schedule ---------------------------------------------------------------------------------------------
     def bag_size_at(self, step: int) -> int:
-        self.stop_agreed = False  # set by train_step: every rank agreed to stop after this step (a SIGTERM)
         return self.cfg.data.bag_size if step < self.switch_step else 1
 
     def phase_at(self, step: int) -> str:
