@@ -539,6 +539,8 @@ def test_a_stopped_worker_is_detected_by_the_collective_timeout_and_the_run_reco
     # report may die uncollected with its worker group (Ray Train collects reports by polling).
     digests = tmp_path / "digests"
     ran_step = lambda step: sum(any(json.loads(line)["step"] == step for line in open(f)) for f in digests.iterdir())
-    assert ran_step(5) == 4 and ran_step(4) == 2
+    # the restart resumes from the step-4 checkpoint, or from step 3's (the switch) if step 4's was not yet
+    # registered when the group was torn down
+    assert ran_step(5) == 4 and ran_step(4) in (2, 4)
     assert "conflict" not in {d for rows in read_digests(str(digests)).values() for d in rows.values()}
     assert time.perf_counter() - t0 < 600
