@@ -296,20 +296,8 @@ def test_staging_folders_of_dead_writers_are_swept(tmp_path):
     assert os.listdir(tmp_path) == [f"step00000004-rank0-pid{os.getpid()}-def"]
 
 
-# -- Ray: a deterministic worker error ends the run once; infrastructure failures are retried (test_trainer) -------
-def test_a_deterministic_worker_error_ends_the_run_once_with_one_line(shared_out, tmp_path, ray_session, monkeypatch):
-    from pipeline.runner import run_training
-
-    out = str(tmp_path)
-    _copy_cache(shared_out, out)
-    marker = str(tmp_path / "attempts")
-    monkeypatch.setenv("TST_INJECT_FAILURE", f"2:0:fatal:{marker}")
-    cfg = make_cfg(shared_out, f"run.output_dir={out}", "scaling.max_failures=3", "run.tracking=true")
-    with pytest.raises(DataError, match="injected deterministic error at step 2 on rank 0"):
-        run_training(cfg, use_ray=True, name="fatal", console=False)
-    assert len(open(marker).read().splitlines()) == 1  # not retried
-    assert [r.info.status for r in _mlflow_runs(f"sqlite:///{out}/mlflow.db")] == ["FAILED"]
-
+# -- Ray: a deterministic worker error ends the run once, with one line, although retries are left: the first run of
+# tests/test_trainer.py::test_ray_runs_read_the_plain_loops_windows_and_match_it_across_a_failure_and_a_resize
 
 # -- resume: one decision over everything that determines the stream --------------------------------------------------
 @pytest.mark.parametrize("change,what", [

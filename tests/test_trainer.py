@@ -189,7 +189,7 @@ def test_ray_runs_read_the_plain_loops_windows_and_match_it_across_a_failure_and
                                                                                          ray_session, monkeypatch):
     """The Ray path against the plain loop of the same config, on the default data path (token store, every rank
     reading its own windows), in two Ray runs:
-    - 2 FSDP workers (gloo, micro-batches of 1) that die at step 6 with no retries left;
+    - 2 FSDP workers (gloo, micro-batches of 1) ended at step 6 by a deterministic error, once, with retries left;
     - the same run started again by name with 3 workers: Ray Train resumes from the step-4 checkpoint, DCP reshards
       2 -> 3, and the batch of 4 splits unevenly (rows 0, 1, 2-3 on ranks 0, 1, 2).
     Per-step digests of the windows the workers trained on equal the plain loop's (none lost, none read twice);
@@ -197,6 +197,9 @@ def test_ray_runs_read_the_plain_loops_windows_and_match_it_across_a_failure_and
     order (the loss uses global per-slot counts, so neither the world size nor the shard sizes change it).
     Covered elsewhere: 2 -> 1 and a SIGKILLed worker (tests/test_elastic.py), a hung worker (tests/test_faults.py),
     MoE over two ranks (tests/test_moe.py)."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.errors import DataError
     from pipeline.runner import run_training
     from pipeline.train.checkpoint import load_model_state
     from pipeline.train.loop import read_digests
@@ -208,13 +211,22 @@ def test_ray_runs_read_the_plain_loops_windows_and_match_it_across_a_failure_and
     plain_summary, plain, _ = run_local(make_cfg(shared_out, *over), str(tmp_path / "plain"))
 
     monkeypatch.setenv("TST_WINDOW_DIGESTS", str(tmp_path / "dg-ray"))
-    monkeypatch.setenv("TST_INJECT_FAILURE", f"6:0:raise:{tmp_path / 'failed'}")
-    with pytest.raises(Exception, match="injected failure"):
-        run_training(make_cfg(shared_out, *over, "scaling.max_failures=0"), use_ray=True, name="ray", console=False)
+    # a deterministic error (a DataError at step 6 on rank 0, raised at every attempt): the run ends once, with
+    # that error, although retries are left (a retry would repeat it); MLflow records the run FAILED
+    marker = tmp_path / "attempts"
+    monkeypatch.setenv("TST_INJECT_FAILURE", f"6:0:fatal:{marker}")
+    with pytest.raises(DataError, match="injected deterministic error at step 6 on rank 0"):
+        run_training(make_cfg(shared_out, *over, "scaling.max_failures=3", "run.tracking=true"), use_ray=True,
+                     name="ray", console=False)
+    assert len(marker.read_text().splitlines()) == 1  # not retried
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("tst").experiment_id])
+    assert run.info.status == "FAILED"
     monkeypatch.delenv("TST_INJECT_FAILURE")
-    summary = run_training(make_cfg(shared_out, *over, "scaling.num_workers=3", "scaling.cpus_per_worker=0.25"),
-                           use_ray=True, name="ray", console=False)
+    summary = run_training(make_cfg(shared_out, *over, "scaling.num_workers=3", "scaling.cpus_per_worker=0.25",
+                                    "run.tracking=true"), use_ray=True, name="ray", console=False)
     assert summary["step"] == 10 and summary["world_size"] == 3
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"  # the same MLflow run, resumed
 
     want, got = read_digests(str(tmp_path / "dg-plain")), read_digests(str(tmp_path / "dg-ray"))
     assert sorted(want) == list(range(10)) and all(sorted(r) == list(range(4)) for r in want.values())
