@@ -111,10 +111,11 @@ def train_worker(config: dict) -> None:
 
     import ray.train
     from pipeline.config import Config
+    from pipeline.ray_internals import set_train_report_log_level
     from pipeline.train.loop import train
 
     cfg = Config.from_dict(config["cfg"])
-    _quiet_report_logs()
+    set_train_report_log_level(_train_log_level())  # the per-report INFO lines LoggingConfig does not reach
     os.environ.update(config.get("env", {}))  # the driver's TST_* settings (workers inherit the raylet's env)
     ctx = ray.train.get_context()
     if cfg.scaling.use_gpu and torch.cuda.is_available():
@@ -137,12 +138,10 @@ def train_worker(config: dict) -> None:
           device=device, tokenizer_path=tok_path)
 
 
-def _quiet_report_logs() -> None:
-    """Ray Train 2.60 logs every `ray.train.report` at INFO on a logger named after its own file, which
-    `LoggingConfig` does not reach; our progress lines already say the same, once and readably."""
-    from pipeline.ray_internals import set_train_report_log_level
-
-    set_train_report_log_level(os.environ.get("TST_RAY_TRAIN_LOG_LEVEL", "WARNING"))
+def _train_log_level() -> str:
+    """Ray Train's log level for tst runs: WARNING (it logs every report at INFO; our progress lines say the same
+    once, readably). TST_RAY_TRAIN_LOG_LEVEL=INFO brings its lines back."""
+    return os.environ.get("TST_RAY_TRAIN_LOG_LEVEL", "WARNING")
 
 
 class MetricsCallback(UserCallback):
@@ -237,8 +236,7 @@ def build_trainer(cfg, *, source, vocab_size: int, tokenizer_json: Optional[str]
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         callbacks=[MetricsCallback(run_dir, cfg.train.steps, tracking_uri, mlflow_run_id, console)]
         + list(extra_callbacks or []),
-        # Ray Train logs every report at INFO; our progress lines say the same once, readably.
-        logging_config=ray.train.LoggingConfig(log_level=os.environ.get("TST_RAY_TRAIN_LOG_LEVEL", "WARNING")),
+        logging_config=ray.train.LoggingConfig(log_level=_train_log_level()),
     )
     return TorchTrainer(
         train_worker,
