@@ -38,7 +38,7 @@ def steady_rate(records: list[dict], warmup: int) -> float:
     return (end["step"] - start["step"]) / (end["elapsed_s"] - start["elapsed_s"])
 
 
-def run_once(mode: str, name: str, overrides: list[str], out: str) -> dict:
+def run_once(mode: str, name: str, overrides: list[str], out: str, warmup: int) -> dict:
     """One `tst train` in a fresh process; its start-up and steady rate from its metrics.jsonl."""
     from pipeline.train.metrics import JsonlWriter
 
@@ -52,7 +52,8 @@ def run_once(mode: str, name: str, overrides: list[str], out: str) -> dict:
         raise SystemExit(f"{mode} run failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
     recs = [r for r in JsonlWriter(os.path.join(out, "runs", name, "metrics.jsonl")).read() if "step" in r]
     first = next(r for r in recs if r.get("kind") != "final")
-    return {"first_step_s": first["logged_at"] - first["elapsed_s"] - t0, "steps_per_s": None, "total_s": total, "records": recs}
+    return {"first_step_s": first["logged_at"] - first["elapsed_s"] - t0, "total_s": total,
+            "steps_per_s": steady_rate(recs, warmup) if warmup < recs[-1]["step"] else None}
 
 
 def main() -> int:
@@ -70,12 +71,12 @@ def main() -> int:
             f"train.eval_every={args.steps}", f"train.checkpoint_every={args.steps}", "data.bag_size=4",
             "train.switch_fraction=0.5", f"train.threads={args.threads}", "run.tracking=false",
             "scaling.num_workers=1"] + args.overrides
-    run_once("plain", "prepare", over + ["train.steps=2", "train.eval_every=2", "train.checkpoint_every=2"], out)
+    run_once("plain", "prepare", over + ["train.steps=2", "train.eval_every=2", "train.checkpoint_every=2"], out,
+             args.warmup)
     rows = {"plain": [], "ray": []}
     for i in range(args.pairs):
         for mode in (("plain", "ray") if i % 2 == 0 else ("ray", "plain")):
-            r = run_once(mode, f"{mode}-{i}", over, out)
-            r["steps_per_s"] = steady_rate(r.pop("records"), args.warmup)
+            r = run_once(mode, f"{mode}-{i}", over, out, args.warmup)
             rows[mode].append(r)
             print(f"pair {i} {mode:<5} first step {r['first_step_s']:6.1f} s  steady {r['steps_per_s']:.3f} steps/s"
                   f"  total {r['total_s']:.1f} s  (load {os.getloadavg()[0]:.1f})", flush=True)
