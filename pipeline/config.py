@@ -158,7 +158,9 @@ class ScalingConfig:
     use_gpu: bool = False  # one GPU per worker (NCCL, bf16); false: CPU workers on gloo
     cpus_per_worker: float = 0.5  # CPUs each worker asks Ray for (a local Ray has max(4, cores) logical CPUs)
     gpus_per_worker: float = 1.0  # GPUs each worker asks Ray for (use_gpu=true)
-    worker_resources: dict = field(default_factory=dict)  # e.g. {"train_node": 0.001} to target node types
+    # extra Ray resources per worker, e.g. {"train_node": 1} to target a node type; {"GPU": 1} with use_gpu=false
+    # reserves a (declared) GPU but trains on CPU (the local autoscaling exercise, pipeline/local_cluster.py)
+    worker_resources: dict = field(default_factory=dict)
     elastic_resize_interval_s: float = 60.0  # elastic runs: seconds between checks for capacity to grow back
     max_failures: int = 3  # worker failures Ray Train restarts from the last checkpoint before giving up
     # seconds a collective waits for a rank that stopped answering (SIGSTOP, a frozen node) before the others fail
@@ -367,6 +369,13 @@ def validate(cfg: Config) -> None:
     world = max(1, s.num_workers)
     if s.min_workers is not None and not 1 <= s.min_workers <= s.num_workers:
         raise ConfigError(f"scaling.min_workers must be in [1, num_workers], got {s.min_workers}")
+    wr = s.worker_resources or {}
+    if "CPU" in wr:
+        raise ConfigError(f"scaling.worker_resources has CPU={wr['CPU']}; set scaling.cpus_per_worker instead")
+    if "GPU" in wr and s.use_gpu:
+        raise ConfigError(f"scaling.worker_resources has GPU={wr['GPU']} with scaling.use_gpu=true; set "
+                          f"scaling.gpus_per_worker instead (GPU in worker_resources is for use_gpu=false: reserve, "
+                          f"train on CPU)")
     if t.micro_batch_size is not None and t.micro_batch_size < 1:
         raise ConfigError(f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
     # Any worker count works (rows are split as evenly as B allows; the loss uses global counts), as long as every

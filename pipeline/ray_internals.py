@@ -66,3 +66,74 @@ def set_search_properties_compat(set_search_properties, metric, mode, config, **
     except ImportError:
         return set_search_properties(metric, mode, config, **spec)
     return compat(set_search_properties, metric, mode, config, **spec)
+
+
+COORDINATOR_TICK_ENV = "TST_COORDINATOR_TICK_S"
+
+
+def coordinator_tick_hook() -> None:
+    """A `worker_process_setup_hook` for tests and benches on a local cluster: every Ray worker process sets the
+    tick of Ray Data's AutoscalingCoordinator to $TST_COORDINATOR_TICK_S seconds (20 s in Ray 2.60, hard-coded).
+
+    Ray Train's elastic policy sizes a (re)started worker group from the coordinator's view of the cluster, which
+    the coordinator refreshes (and forwards as autoscaler resource requests) once per tick; so each resize of an
+    elastic run waits up to one tick for the view to catch up. Never used by `tst` itself: a test that shortens it
+    measures Ray's machinery, not its 20 s timer. Relies on the class attribute
+    `ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator._AutoscalingCoordinatorActor.TICK_INTERVAL_S`,
+    read by the actor's tick thread; if Ray moves it, the tick stays 20 s and tests only take longer."""
+    import os
+
+    tick = os.environ.get(COORDINATOR_TICK_ENV)
+    if not tick:
+        return
+    try:
+        from ray.data._internal.cluster_autoscaler import default_autoscaling_coordinator as coord
+
+        coord._AutoscalingCoordinatorActor.TICK_INTERVAL_S = float(tick)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The local autoscaling cluster (pipeline/local_cluster.py): Ray's autoscaler over its fake multi-node provider
+# ---------------------------------------------------------------------------------------------------------------
+
+# The id `ray start --head` gives the head when RAY_FAKE_CLUSTER=1 (ray/scripts/scripts.py sets
+# RAY_OVERRIDE_NODE_ID_FOR_TESTING to it), which the fake provider lists as its head instance.
+FAKE_HEAD_NODE_ID = "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"
+# The fake provider tags its head with this node type whatever the config calls it.
+FAKE_HEAD_NODE_TYPE = "ray.head.default"
+FAKE_PROVIDER_CLASS = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"
+
+
+def fake_multinode_provider(gcs_address: str) -> tuple[dict, dict]:
+    """(provider config, env of `ray start --head`) for Ray's fake multi-node provider under autoscaler v2 (the
+    autoscaler `ray up` starts since Ray 2.50).
+
+    Relies on (Ray 2.60.0): the class `FakeMultiNodeProvider` (ray/autoscaler/_private/fake_multi_node/
+    node_provider.py: each "instance" is a raylet it starts on this machine with the node type's resources and
+    labels; `gcs_address` points it at a head that is not on port 6379; `launch_multiple` and `head_node_id` are
+    what v2 needs), named as an `external` provider module because the `fake_multinode` provider type loads its
+    defaults from fake_multi_node/example.yaml, which the 2.60.0 wheel does not ship, and the variables `ray.cluster_utils.AutoscalingCluster.start` sets: RAY_FAKE_CLUSTER (the
+    provider refuses to start without it), AUTOSCALER_UPDATE_INTERVAL_S, RAY_enable_autoscaler_v2 and
+    RAY_CLOUD_INSTANCE_ID of the head. We do not call AutoscalingCluster itself: its `start()` and `shutdown()`
+    run `ray stop --force`, which kills every Ray on the machine, and it reads that missing example.yaml too. If Ray changes these, the local exercise fails to start (it
+    cannot pass silently)."""
+    provider = {"type": "external", "module": FAKE_PROVIDER_CLASS, "use_node_id_as_ip": True, "disable_node_updaters": True,
+                "disable_launch_config_check": True, "gcs_address": gcs_address, "launch_multiple": True,
+                "head_node_id": FAKE_HEAD_NODE_ID}
+    env = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_enable_autoscaler_v2": "1",
+           "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID, "RAY_NODE_TYPE_NAME": FAKE_HEAD_NODE_TYPE}
+    return provider, env
+
+
+def autoscaler_status(gcs_address: str, timeout_s: int = 10):
+    """The autoscaler's own view of the cluster (what `ray status` prints under autoscaler v2): a
+    `ray.autoscaler.v2.schema.ClusterStatus` with active/idle/pending nodes by node type, pending and failed
+    launches, and the resource demands it is trying to meet.
+
+    Relies on `ray.autoscaler.v2.sdk.get_cluster_status` (Ray 2.60.0; not underscore-private, but not in Ray's
+    public API reference either; `ray status` calls it). No public API returns this as data."""
+    from ray.autoscaler.v2.sdk import get_cluster_status
+
+    return get_cluster_status(gcs_address, timeout=timeout_s)

@@ -225,9 +225,13 @@ def build_trainer(cfg, *, source, vocab_size: int, tokenizer_json: Optional[str]
     resources = {"CPU": sc.cpus_per_worker, **(sc.worker_resources or {})}
     if sc.use_gpu:
         resources["GPU"] = sc.gpus_per_worker
+    # Ray refuses GPU in resources_per_worker unless use_gpu=True; with use_gpu=false and worker_resources {GPU: n}
+    # the workers reserve GPUs (a node type's declared GPUs) and still train on CPU with gloo (cfg decides the
+    # device and backend below, not Ray's flag)
+    ray_use_gpu = sc.use_gpu or resources.get("GPU", 0) > 0
     num_workers = (sc.min_workers, sc.num_workers) if sc.min_workers else sc.num_workers
     # elastic_resize_monitor_interval_s: how often a healthy elastic run checks whether it can grow back
-    scaling = ray.train.ScalingConfig(num_workers=num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources,
+    scaling = ray.train.ScalingConfig(num_workers=num_workers, use_gpu=ray_use_gpu, resources_per_worker=resources,
                                       elastic_resize_monitor_interval_s=sc.elastic_resize_interval_s)
     run_config = ray.train.RunConfig(
         name=run_name,
