@@ -119,9 +119,17 @@ def local_ray_env(dashboard_port: int) -> dict[str, str]:
 # poll (one small remote call per worker) negligible and the cap out of the way of any sane log interval.
 HEALTH_CHECK_INTERVAL_S = "0.5"
 
+# Before restarting a failed group, Ray Train asks every worker to destroy its process group and waits up to
+# TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S (30 s by default) for all of them. A hung rank (SIGSTOP, a stuck kernel)
+# never answers, so each hang cost its collective timeout plus those 30 s (measured: 50 s from the timeout to the
+# next step, tests/test_elastic.py). Healthy ranks destroy a process group in well under a second; whatever has
+# not answered after 5 s is killed with its worker anyway.
+PROCESS_GROUP_SHUTDOWN_TIMEOUT_S = "5"
+
 
 def ray_train_env() -> None:
     """Before a TorchTrainer starts (the driver's values are propagated to the controller and the workers:
     Ray Train's ENV_VARS_TO_PROPAGATE). A user's own setting wins."""
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_INTERVAL_S)
+    os.environ.setdefault("TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S", PROCESS_GROUP_SHUTDOWN_TIMEOUT_S)

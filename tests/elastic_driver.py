@@ -5,7 +5,8 @@ two nodes with `train_node: 1` each, all on 127.0.0.1), connects to it, and runs
 elastic scaling `(min_workers=1, num_workers=2)` and `worker_resources={train_node: 1}`, so each train worker
 needs a node of its own. A watcher thread follows the run (a controller-side callback appends every report with
 its wall time to events.jsonl) and, per the plan in argv[1]:
-  1. a plain worker kill: TST_INJECT_FAILURE SIGKILLs rank 1 before step KILL_AT (FailureConfig restarts it);
+  1. faults inside the workers: TST_INJECT_FAILURE SIGKILLs rank 1 (FailureConfig restarts the group), then
+     SIGSTOPs it in the restarted group (the collective timeout ends the hang; the group restarts again);
   2. once step REMOVE_AFTER is logged at world size 2 (a checkpoint step), removes one train node;
   3. once SHRUNK_STEPS steps are logged at world size 1, adds a train node back;
 then the run goes on to the end. Steps are paced while the group is shrunk (the window source sleeps PACE_S[1] per step, else
@@ -109,7 +110,16 @@ def main():
     cluster = Cluster(initialize_head=True, head_node_args=head_args)
     train_node = {"num_cpus": 1, "resources": {"train_node": 1}, **common}
     nodes = [cluster.add_node(**train_node) for _ in range(2)]
-    ray.init(address=cluster.address, log_to_driver=True)
+    # Ray Data's AutoscalingCoordinator, whose view of the cluster sizes each restart of the elastic group, refreshes
+    # every 20 s; a 2 s tick (every Ray worker process of this job, set by a setup hook) keeps the resizes short
+    from pipeline.cli.job import runtime_env as job_runtime_env
+    from pipeline.ray_internals import COORDINATOR_TICK_ENV, coordinator_tick_hook
+
+    ray.init(address=cluster.address, log_to_driver=True,
+             runtime_env={"worker_process_setup_hook": coordinator_tick_hook,
+                          # what `ray job submit` with pipeline/cli/job.py's runtime env gives a job's processes
+                          "env_vars": {**job_runtime_env()["env_vars"],
+                                       COORDINATOR_TICK_ENV: str(plan.get("coordinator_tick_s", 20))}})
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

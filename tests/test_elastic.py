@@ -7,28 +7,36 @@ is never touched). The run is elastic, `scaling.min_workers=1, scaling.num_worke
 
 1. a plain worker kill: rank 1 SIGKILLs itself before step 9 (`TST_INJECT_FAILURE` kill mode); FailureConfig
    restarts the group from the step-5 checkpoint;
-2. after the step-10 checkpoint the driver removes one train node: the run goes on with world size 1 from that
+2. a hung worker: in the restarted group rank 1 SIGSTOPs itself before step 10 (stop mode); rank 0's collective
+   times out after scaling.collective_timeout_s (10 s) and the group restarts from the step-5 checkpoint again;
+3. after the step-10 checkpoint the driver removes one train node: the run goes on with world size 1 from that
    checkpoint;
-3. the driver adds a train node back: Ray Train's elastic policy grows the group to 2 again (restart from the latest
+4. the driver adds a train node back: Ray Train's elastic policy grows the group to 2 again (restart from the latest
    checkpoint) and the run finishes.
 
 Every step's loss must equal a plain one-process run of the same config (the loss is the global-batch loss, so it
 does not depend on the world size or accumulation), and `raw_tokens` / `latent_positions` must follow the closed
 form, so the data position is exact across every restart and resize.
 
-Ray 2.60 behaviour measured here (2-core machine shared with other jobs, load average ~15; printed by the tests):
-- kill -> first step logged after the restart: 36.5 s (the controller saw the failure 0.4 s after the kill; the
-  rest is tearing down the group and starting two new workers: processes, torch, gloo, model, DCP load). Steps
-  redone: 3 (steps 6-8; checkpoint at 5, killed before step 9).
-- node removed -> first step at world size 1: 35.3 s. The controller's cluster view (Ray Data's
-  AutoscalingCoordinator) refreshes every 20 s, so the first restart may still ask for 2 workers and waits out
+Ray 2.60 behaviour measured here (2026-12-02, 2-core machine shared with other jobs, load average 3-14; printed by
+the tests):
+- kill -> first step logged after the restart: 16.5-22.7 s (the controller sees the failure 0.4 s after the kill;
+  the rest is tearing down the group and starting two new workers: processes, torch, gloo, model, DCP load).
+  Steps redone: 3 (steps 6-8; checkpoint at 5, killed before step 9).
+- stop -> first step after the restart: 58-64 s: the collective timeout (10 s), then the teardown, which waits for
+  the hung rank to destroy its process group: TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S, 30 s by default, 5 s as
+  pipeline/ray_env.py sets it (the stop -> resume time went from 60.9 s to 58.2 s at higher load), plus the
+  worker shutdown's 5 s patience, then a new group. Steps redone: 4.
+- node removed -> first step at world size 1: 34-44 s. Ray Train sizes the restarted group from Ray Data's
+  AutoscalingCoordinator, whose view of the cluster refreshes once per tick (20 s in Ray 2.60; 2 s here through
+  pipeline.ray_internals.coordinator_tick_hook): the first restart may still ask for 2 workers and waits out
   RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s by default, 20 s here) before restarting with 1.
-- node added -> first step at world size 2: 51.0 s: the coordinator's next refresh (<= 20 s), then
-  `elastic_resize_monitor_interval_s` (Ray's default 60 s; the driver passes 5 s to Ray's ScalingConfig to keep
-  the test short), then a restart from the latest checkpoint.
+- node added -> first step at world size 2: 23 s with the 2 s tick (42-51 s with Ray's 20 s): the coordinator's
+  next tick, then `elastic_resize_monitor_interval_s` (Ray's default 60 s; the driver passes 5 s to Ray's
+  ScalingConfig to keep the test short), then a restart from the latest checkpoint.
 - Ray Train's controller collects reports by polling (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default) and a
   worker's `ray.train.report` waits while the previous one is uncollected (queue of size 1): with a report every
-  step, a step takes >= 2 s. The test polls every 0.5 s.
+  step, a step takes >= 2 s. pipeline/ray_env.py sets 0.5 s.
 """
 
 import json
@@ -47,7 +55,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 T = 40
 B, L, S = 4, 32, 4
 SWITCH = 12  # floor(0.3 * 40 + 0.5)
-KILL_AT, CKPT_EVERY, REMOVE_AFTER = 8, 5, 10
+KILL_AT, STOP_AT, CKPT_EVERY, REMOVE_AFTER = 8, 9, 5, 10
 
 OVERRIDES = [
     "model.preset=tiny", "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
@@ -56,7 +64,7 @@ OVERRIDES = [
     f"train.steps={T}", f"train.global_batch_size={B}", "train.micro_batch_size=1", "train.lr=3e-3",
     "train.warmup_steps=2", "train.log_every=1", "train.eval_every=5", f"train.checkpoint_every={CKPT_EVERY}",
     "train.keep_checkpoints=3", "scaling.num_workers=2", "scaling.min_workers=1", "scaling.cpus_per_worker=0.5",
-    "scaling.max_failures=10", "scaling.worker_resources={train_node: 1}", "run.tracking=false",
+    "scaling.max_failures=10", "scaling.collective_timeout_s=10", "scaling.worker_resources={train_node: 1}", "run.tracking=false",
     # the fake nodes share this machine's disk; a real multi-node cluster puts the store on s3:// or gs://
     "data.store_shared=true",
 ]
@@ -88,8 +96,8 @@ def elastic_run(tmp_path_factory):
     plan = {
         "out": out, "temp_dir": temp_dir, "ports": free_ports(3), "name": "elastic",
         "overrides": OVERRIDES + [f"run.output_dir={out}"],
-        "remove_after": REMOVE_AFTER, "shrunk_steps": 2, "resize_interval_s": 5, "pace_s": [0.1, 1.5],
-        "env": {"TST_INJECT_FAILURE": f"{KILL_AT}:1:kill:{out}/killed",
+        "remove_after": REMOVE_AFTER, "shrunk_steps": 2, "resize_interval_s": 5, "coordinator_tick_s": 2, "pace_s": [0.1, 1.5],
+        "env": {"TST_INJECT_FAILURE": f"{KILL_AT}:1:kill:{out}/killed,{STOP_AT}:1:stop:{out}/stopped",
                 # Ray Train's controller polls workers every 2 s by default and each `ray.train.report` waits for
                 # that poll, so with a report every step a step takes >= 2 s; 0.5 s keeps the test short
                 "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"},
@@ -124,6 +132,7 @@ def elastic_run(tmp_path_factory):
     result["log_tail"] = log_tail
     result["out"] = out
     result["kill_marker_t"] = os.path.getmtime(os.path.join(out, "killed"))
+    result["stop_marker_t"] = os.path.getmtime(os.path.join(out, "stopped"))
 
     # the one-process reference: the same config and data, no Ray
     from pipeline.runner import run_training
@@ -198,32 +207,37 @@ def test_elastic_shrinks_continues_and_grows_back(elastic_run):
         assert r["grad_norm"] == pytest.approx(ref[k]["grad_norm"], rel=2e-3, abs=1e-5), k
 
 
-def test_worker_kill_recovers_from_last_checkpoint(elastic_run):
-    """The SIGKILLed worker (FailureConfig): time from the kill to the first step logged after the restart, and
-    the steps redone (those after the last checkpoint before the kill)."""
-    ev = elastic_run["events"]
-    t_kill = elastic_run["kill_marker_t"]  # written by the worker just before it SIGKILLs itself
-    reports = [e for e in ev if e["kind"] == "report"]
-    # events are in the controller's order: reports of steps trained before the kill can still arrive after it,
-    # so split at the controller's failure event rather than at the kill time
-    i_err = next((i for i, e in enumerate(ev) if e["kind"] == "worker_error" and e["t"] >= t_kill), None)
-    assert i_err is not None, "the controller never saw the killed worker"
-    errors = [ev[i_err]]
+def _recovery(ev, t_fault):
+    """From the controller's event log: the failure event after the fault, the reports before it and the first
+    report after it (reports of steps trained before the fault can still arrive after it, so split at the
+    controller's failure event rather than at the fault's time)."""
+    i_err = next((i for i, e in enumerate(ev) if e["kind"] == "worker_error" and e["t"] >= t_fault), None)
+    assert i_err is not None, "the controller never saw the failed worker"
     before = [e for e in ev[:i_err] if e["kind"] == "report"]
     after = [e for e in ev[i_err:] if e["kind"] == "report"]
-    last_ckpt = max(e["step"] for e in before if e["checkpoint"])
-    first = after[0]
-    assert first["world_size"] == 2  # the node is still there: same size
-    assert first["step"] == last_ckpt + 1 == CKPT_EVERY + 1
-    # rank 1 died before step KILL_AT + 1, so steps 1..KILL_AT had been trained; the restart began after last_ckpt
-    redone = KILL_AT - (first["step"] - 1)
-    kill_to_resume = first["t"] - t_kill
-    detect = errors[0]["t"] - t_kill
-    print(f"\nkill->resume: {kill_to_resume:.1f}s (failure seen by the controller after {detect:.1f}s); "
-          f"steps redone: {redone} (checkpoint at {last_ckpt}, killed before step {KILL_AT + 1})")
+    return ev[i_err], max(e["step"] for e in before if e["checkpoint"]), after[0]
+
+
+def test_killed_and_hung_workers_recover_from_the_last_checkpoint(elastic_run):
+    """The SIGKILLed worker (FailureConfig) and the SIGSTOPped one (collective timeout): time from the fault to
+    the first step logged after the restart, and the steps redone (those after the last checkpoint before it)."""
+    ev = elastic_run["events"]
+    for what, t_fault, at in (("kill", elastic_run["kill_marker_t"], KILL_AT),  # markers: written just before
+                              ("stop", elastic_run["stop_marker_t"], STOP_AT)):  # the worker signals itself
+        err, last_ckpt, first = _recovery(ev, t_fault)
+        assert first["world_size"] == 2  # the node is still there: same size
+        assert first["step"] == last_ckpt + 1 == CKPT_EVERY + 1
+        # rank 1 failed before step at + 1, so steps 1..at had been trained; the restart began after last_ckpt
+        redone = at - (first["step"] - 1)
+        print(f"\n{what}->resume: {first['t'] - t_fault:.1f}s (failure seen by the controller after "
+              f"{err['t'] - t_fault:.1f}s); steps redone: {redone} (checkpoint at {last_ckpt}, {what} before step {at + 1})")
+        assert first["t"] - t_fault < 120
+    # the hang is seen through the collective timeout (10 s), not earlier and not much later
+    err, _, _ = _recovery(ev, elastic_run["stop_marker_t"])
+    assert 9 < err["t"] - elastic_run["stop_marker_t"] < 60
     marks = elastic_run["marks"]
+    reports = [e for e in ev if e["kind"] == "report"]
     shrink = [e for e in reports if e["t"] > marks["removed_t"] and e["world_size"] == 1]
     grow = [e for e in reports if e["t"] > marks["added_t"] and e["world_size"] == 2]
     print(f"node removed -> first step at world size 1: {shrink[0]['t'] - marks['remove_t']:.1f}s; "
           f"node added -> first step at world size 2: {grow[0]['t'] - marks['added_t']:.1f}s")
-    assert kill_to_resume < 120

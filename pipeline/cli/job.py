@@ -24,6 +24,8 @@ import argparse
 import json
 from typing import Optional
 
+from pipeline.ray_env import PROCESS_GROUP_SHUTDOWN_TIMEOUT_S
+
 UPLOAD_EXCLUDES = [
     # outputs: checkpoints, metrics, local MLflow stores, tokenizer/token caches, packed corpora
     "outputs/", "mlruns/", "mlartifacts/", "*.db", "checkpoints/", "ray_results/",
@@ -34,7 +36,11 @@ UPLOAD_EXCLUDES = [
 ]
 
 # Quiet, deterministic defaults for job drivers and workers (tokenizers' fork warning; Ray Train V2).
-DEFAULT_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "1"}
+# TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S is read by the Ray Train controller, which a job's driver does not start
+# with its own environment (Ray Train propagates only its v2 variables): the job's runtime env carries it
+# (pipeline/ray_env.py says why 5 s).
+DEFAULT_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "1",
+               "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S": PROCESS_GROUP_SHUTDOWN_TIMEOUT_S}
 
 
 def runtime_env(tracking_uri: Optional[str] = None, env: Optional[dict] = None,

@@ -510,13 +510,19 @@ def read_digests(folder: str) -> dict[int, dict[int, str]]:
 
 def _maybe_inject_failure(step: int, rank: int) -> None:
     """Fault injection for failure-recovery tests and drills: TST_INJECT_FAILURE="STEP:RANK:MODE:MARKER" makes
-    rank RANK fail before step STEP, once (the MARKER file records that it happened). MODE "raise" raises an
-    error in the worker; "kill" SIGKILLs the worker process, as a preempted node would; "stop" SIGSTOPs it (a hung
-    rank: the others wait in a collective until scaling.collective_timeout_s); "fatal" raises a DataError
-    at every attempt (a deterministic error, which must end the run once, not be retried)."""
+    rank RANK fail before step STEP, once (the MARKER file records that it happened); several faults are
+    separated by commas, each with its own marker. MODE "raise" raises an error in the worker; "kill" SIGKILLs
+    the worker process, as a preempted node would; "stop" SIGSTOPs it (a hung rank: the others wait in a
+    collective until scaling.collective_timeout_s); "fatal" raises a DataError at every attempt (a deterministic
+    error, which must end the run once, not be retried)."""
     spec = os.environ.get("TST_INJECT_FAILURE")
     if not spec:
         return
+    for one in spec.split(","):
+        _inject_one(one, step, rank)
+
+
+def _inject_one(spec: str, step: int, rank: int) -> None:
     at, who, mode, marker = spec.split(":", 3)
     if step == int(at) and rank == int(who) and mode == "fatal":  # every time: a deterministic error
         from pipeline.errors import DataError

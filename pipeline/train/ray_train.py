@@ -267,8 +267,9 @@ def ensure_ray(cfg) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        from pipeline.ray_env import free_port, local_ray_env
+        from pipeline.ray_env import free_port, local_ray_env, ray_train_env
 
+        ray_train_env()  # before ray.init: the local raylet, and so the Ray Train controller, inherit it
         # The dashboard also serves the state API that Ray Train's placement-group cleaner polls; its port is
         # exported (RAY_API_SERVER_ADDRESS) so the cleaner asks this cluster, not another Ray on the machine.
         port = free_port()
