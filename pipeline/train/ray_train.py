@@ -189,10 +189,17 @@ class MetricsCallback(UserCallback):
 
 
 def stop_flag_actor():
-    """A tiny actor the driver sets on SIGTERM and rank 0 polls (pipeline.train.loop: checkpoint, then leave)."""
-    import ray
+    """A tiny actor the driver sets on SIGTERM and rank 0 polls (pipeline.train.loop: checkpoint, then leave).
 
-    @ray.remote(num_cpus=0)
+    Pinned to the driver's node (the head on a cluster): a 0-CPU actor may otherwise land on any node, and on an
+    autoscaling cluster it landed on a CPU data node, which it kept from going idle for the whole run (found by
+    tests/test_autoscale.py; a lost data node would also have taken the flag with it)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+
+    @ray.remote(num_cpus=0, scheduling_strategy=here)
     class StopFlag:
         def __init__(self):
             self.value = False
