@@ -33,10 +33,18 @@ def main(argv=None) -> int:
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--idle-timeout-min", type=float, default=0.25)
     ap.add_argument("--resize-interval-s", type=float, default=5.0)
+    ap.add_argument("--min-workers", type=int, default=1, help="0: exactly 2 workers (no elastic range)")
+    ap.add_argument("--name", default="autoscale")
+    ap.add_argument("--mlflow-db", default=None, help="log the run to an MLflow server over this SQLite file")
+    ap.add_argument("--working-dir", default=None, help="what `ray job submit --working-dir` uploads (the repo)")
+    ap.add_argument("--probes", action="store_true",
+                    help="after the job: a client without the token, and a job printing where its code came from")
     args = ap.parse_args(argv)
     plan = Plan(out=os.path.abspath(args.out), steps=args.steps,
                 preempt_after=None if args.no_preempt else args.preempt_after, reference=not args.no_reference,
-                idle_timeout_minutes=args.idle_timeout_min, resize_interval_s=args.resize_interval_s)
+                idle_timeout_minutes=args.idle_timeout_min, resize_interval_s=args.resize_interval_s,
+                min_workers=args.min_workers or None, name=args.name, mlflow_db=args.mlflow_db and os.path.abspath(args.mlflow_db),
+                probes=args.probes, **({"working_dir": os.path.abspath(args.working_dir)} if args.working_dir else {}))
     print("[autoscale] node types from cluster.yaml:", SCALE_RULE.format(cpus=1, max_nodes=2), flush=True)
     r = run_exercise(plan)
     print(report(r))
@@ -62,6 +70,8 @@ def report(r: dict) -> str:
                  f"(distinct {len({x['step'] for x in r['records']})})")
     p = r.get("placement", {})
     lines.append("placement: " + "; ".join(f"{k}: {sorted(set(v))} x{len(v)}" for k, v in p.items() if v))
+    lines.append(f"actors alive at the first training step: {r.get('alive_at_first_step')}")
+    lines.append(f"actors alive mid-run: {r.get('alive_mid_run')}")
     lines.append(f"job rc {r.get('job_rc')}; cluster up {r.get('cluster_up_s')} s; worker nodes gone "
                  f"{r.get('scale_down_s')} s after the job (idle timeout {r['plan']['idle_timeout_minutes'] * 60:.0f} s)")
     ref = r.get("reference")

@@ -7,6 +7,13 @@ sizes scaled by the one rule in `SCALE_RULE`. Every fake node is a raylet on 127
 and stops; they all share this machine's disk, which is why the token store goes to S3 (moto): a local store
 would pass here and fail on a real cluster.
 
+One more thing the shared disk changes: every fake node unpacks a job's working_dir into the same session folder,
+and Ray 2.60's working_dir plugin replaces the folder when a node sets it up for the first time
+(`download_and_unpack_package(..., overwrite=True)`), so a process whose current directory is that folder (the job
+driver, the Ray Train controller) loses it when a new node starts the job's workers. Nothing in `tst` reads its
+current directory after start-up except an MLflow `sqlite:///` store (it resolves its artifact root against it):
+use a tracking server, as cluster.yaml does.
+
 Everything runs in one process session that `LocalAutoscalingCluster.stop()` kills; other Ray instances on the
 machine are never touched (Ray's own `AutoscalingCluster` runs `ray stop --force`, see pipeline/ray_internals.py).
 """
@@ -171,7 +178,10 @@ class LocalAutoscalingCluster:
         _, fake_env = fake_multinode_provider(self.gcs_address)
         env = self.client_env
         env.update(fake_env)
-        env.update(TOKENIZERS_PARALLELISM="false", RAY_DEDUP_LOGS="0", **self.extra_env)
+        # RAY_API_SERVER_ADDRESS: Ray Train's placement-group cleaner finds the state API by address; with
+        # several Ray instances on one machine (never on a real cluster node) it would refuse to pick one
+        env.update(TOKENIZERS_PARALLELISM="false", RAY_DEDUP_LOGS="0", RAY_API_SERVER_ADDRESS=self.dashboard_url,
+                   **self.extra_env)
         head = dict(self.head_resources)
         cmd = [os.path.join(BIN, "ray"), "start", "--head", "--block", "--disable-usage-stats",
                f"--autoscaling-config={cfg_path}", "--port", str(self.gcs_port),
@@ -306,4 +316,36 @@ class MotoS3:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait(10)
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1 over a SQLite file, as cluster.yaml runs it on the head (artifacts proxied to a
+    local folder here, to S3 there)."""
+
+    def __init__(self, db_path: str, artifacts: str, timeout_s: float = 120):
+        (self.port,) = free_ports(1)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [os.path.join(BIN, "mlflow"), "server", "--backend-store-uri", f"sqlite:///{db_path}", "--host",
+             "127.0.0.1", "--port", str(self.port), "--workers", "1", "--artifacts-destination", artifacts],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + timeout_s
+        while True:
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=2).read()
+                break
+            except (urllib.error.URLError, OSError):
+                if time.time() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError("mlflow server did not start")
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            _kill(session_pids(self.proc.pid), signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                _kill(session_pids(self.proc.pid))
                 self.proc.wait(10)

@@ -44,17 +44,18 @@ class Plan:
     reference: bool = True
     idle_timeout_minutes: float = 0.25
     resize_interval_s: float = 5.0
-    tracking_uri: Optional[str] = None  # None: no MLflow
+    mlflow_db: Optional[str] = None  # an MLflow server over this SQLite file for the run (None: no MLflow)
     working_dir: str = REPO
     name: str = "autoscale"
     max_nodes: int = 2
+    min_workers: Optional[int] = 1  # elastic between this and 2 workers; None: exactly 2 (no elastic range)
     job_timeout_s: float = 1200
     extra_overrides: list = field(default_factory=list)
     extra_env: dict = field(default_factory=dict)  # the job's env vars (reach the driver, controller, workers)
     probes: bool = False  # after the job: a client without the token, and a job printing where its code came from
 
 
-def job_overrides(plan: Plan) -> list[str]:
+def job_overrides(plan: Plan, tracking_uri: Optional[str] = None) -> list[str]:
     """The `tst train` overrides of the exercise (on top of recipes/tiny.yaml)."""
     return [*MODEL,
             "data.source=s3://tst-corpus/wiki/*.jsonl", "data.tokenizer=bpe:512", "data.seq_len=32",
@@ -65,12 +66,12 @@ def job_overrides(plan: Plan) -> list[str]:
             "train.micro_batch_size=1", "train.lr=3e-3", "train.warmup_steps=2", "train.log_every=1",
             f"train.eval_every={max(5, plan.steps // 4)}", "train.checkpoint_every=5", "train.keep_checkpoints=3",
             "train.threads=1",
-            "scaling.num_workers=2", "scaling.min_workers=1", "scaling.cpus_per_worker=0.5",
+            "scaling.num_workers=2", f"scaling.min_workers={plan.min_workers or 'null'}", "scaling.cpus_per_worker=0.5",
             "scaling.worker_resources={train_node: 1, GPU: 1}", "scaling.max_failures=10",
             f"scaling.elastic_resize_interval_s={plan.resize_interval_s}", "scaling.collective_timeout_s=60",
             "run.storage_path=s3://tst-runs/runs", f"run.output_dir={os.path.join(plan.out, 'outputs')}",
-            f"run.tracking={'true' if plan.tracking_uri else 'false'}",
-            *([f"run.tracking_uri={plan.tracking_uri}"] if plan.tracking_uri else []), *plan.extra_overrides]
+            f"run.tracking={'true' if tracking_uri else 'false'}",
+            *([f"run.tracking_uri={tracking_uri}"] if tracking_uri else []), *plan.extra_overrides]
 
 
 def upload_corpus(s3, files: int = 4, docs_per_file: int = 75) -> None:
@@ -104,6 +105,8 @@ class Timeline:
         print(f"[autoscale] {ev['t']:7.1f}s  {what}" + "".join(f"  {k}={v}" for k, v in kw.items()), flush=True)
 
     def poll_cluster(self, cluster) -> None:
+        from pipeline.ray_internals import FAKE_HEAD_NODE_TYPE
+
         try:
             st = cluster.status()
         except Exception as e:  # noqa: BLE001 - the GCS busy for a moment: next poll
@@ -114,14 +117,20 @@ class Timeline:
             if key not in self.requests:
                 self.requests.add(key)
                 self.add("requested", type=lr.ray_node_type_name, count=lr.count)
-        alive = {}
+        alive, state = {}, {}
         for n in st.active_nodes + st.idle_nodes:
             if n.node_id and n.ray_node_type_name:
                 alive[n.node_id] = n.ray_node_type_name
+                state[n.node_id] = (n.node_status, (n.node_activity or [""])[0])
         for nid, typ in alive.items():
             if nid not in self.nodes:
-                self.nodes[nid] = {"type": typ, "launched": time.time() - self.t0, "terminated": None}
+                self.nodes[nid] = {"type": typ, "launched": time.time() - self.t0, "terminated": None, "status": None}
                 self.add("launched", type=typ, node=nid[-5:])
+            info = self.nodes[nid]
+            if state[nid][0] != info["status"] and typ != FAKE_HEAD_NODE_TYPE:
+                info["status"] = state[nid][0]
+                self.add("node " + str(state[nid][0]).lower(), type=typ, node=nid[-5:],
+                         **({"activity": state[nid][1][:100]} if state[nid][1] else {}))
         for nid, info in self.nodes.items():
             if info["terminated"] is None and nid not in alive:
                 info["terminated"] = time.time() - self.t0
@@ -157,12 +166,12 @@ class Timeline:
         return [n for n in self.alive() if self.nodes[n]["type"] != FAKE_HEAD_NODE_TYPE]
 
 
-def submit(cluster, plan: Plan, runtime_env: dict, log_path: str) -> subprocess.Popen:
+def submit(cluster, plan: Plan, runtime_env: dict, log_path: str, tracking_uri: Optional[str]) -> subprocess.Popen:
     """`ray job submit --working-dir ... -- tst train ...` (blocking, its output to log_path)."""
     ray = os.path.join(os.path.dirname(sys.executable), "ray")
     cmd = [ray, "job", "submit", "--address", cluster.dashboard_url, "--working-dir", plan.working_dir,
            "--runtime-env-json", json.dumps(runtime_env), "--",
-           "tst", "train", "--config", "recipes/tiny.yaml", "--name", plan.name, *job_overrides(plan)]
+           "tst", "train", "--config", "recipes/tiny.yaml", "--name", plan.name, *job_overrides(plan, tracking_uri)]
     log = open(log_path, "w")
     return subprocess.Popen(cmd, env=cluster.client_env, stdout=log, stderr=subprocess.STDOUT, cwd=plan.working_dir)
 
@@ -173,7 +182,7 @@ def placement(cluster, node_types: dict[str, str]) -> dict[str, list[str]]:
 
     actors = list_actors(address=cluster.dashboard_url, limit=10000, detail=True, raise_on_missing_output=False)
     tasks = list_tasks(address=cluster.dashboard_url, limit=10000, detail=True, raise_on_missing_output=False)
-    out: dict[str, list[str]] = {"tokenizer_actors": [], "read_tasks": [], "train_workers": [], "other_cpu": []}
+    out: dict[str, list[str]] = {"tokenizer_actors": [], "read_tasks": [], "train_workers": []}
 
     def where(nid):
         return node_types.get(nid or "", "unknown")
@@ -190,9 +199,21 @@ def placement(cluster, node_types: dict[str, str]) -> dict[str, list[str]]:
     return out
 
 
+def alive_on(cluster, node_types: dict[str, str]) -> dict[str, list[str]]:
+    """{node type: classes of the actors alive there} (Ray's state API)."""
+    from ray.util.state import list_actors
+
+    out: dict[str, list[str]] = {}
+    for a in list_actors(address=cluster.dashboard_url, filters=[("state", "=", "ALIVE")], limit=10000, detail=True,
+                         raise_on_missing_output=False):
+        out.setdefault(node_types.get(a.node_id or "", "unknown"), []).append(a.repr_name or a.class_name)
+    return out
+
+
 def _job_env(plan: Plan, digests: Optional[str]) -> dict:
-    env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30",
-           **plan.extra_env}
+    # Ray Train collects reports every 2 s by default and a worker's next report waits for it: 0.5 s keeps the
+    # tiny steps short (timing only)
+    env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", **plan.extra_env}
     if digests:
         env["TST_WINDOW_DIGESTS"] = digests
     return env
@@ -202,22 +223,27 @@ def run_exercise(plan: Plan, cluster_yaml: str = os.path.join(REPO, "cluster.yam
     """Run the exercise of this module's docstring; returns the timeline and the findings (also written to
     <out>/result.json)."""
     from pipeline.cli.job import runtime_env
-    from pipeline.local_cluster import LocalAutoscalingCluster, MotoS3, local_node_types
+    from pipeline.local_cluster import LocalAutoscalingCluster, MlflowServer, MotoS3, local_node_types
 
     os.makedirs(plan.out, exist_ok=True)
     digests = os.path.join(plan.out, "digests", plan.name) if plan.reference else None
     result: dict = {"plan": dict(plan.__dict__), "preempted": None}
     s3 = MotoS3()
-    cluster = None
+    cluster = mlflow = None
     tl = Timeline()
     try:
         upload_corpus(s3)
+        if plan.mlflow_db:  # the head's tracking server of cluster.yaml (a sqlite:/// URI: see local_cluster)
+            mlflow = MlflowServer(plan.mlflow_db, os.path.join(plan.out, "mlartifacts"))
         head, workers = local_node_types(cluster_yaml, max_nodes=plan.max_nodes)
         result["node_types"] = {"head": head, **{k: v["resources"] for k, v in workers.items()}}
         cluster = LocalAutoscalingCluster(head, workers, idle_timeout_minutes=plan.idle_timeout_minutes,
                                           env=s3.env)
         t_up = time.time()
         cluster.start()
+        with open(os.path.join(plan.out, "sessions.json"), "w") as f:  # for a caller that must clean up after a kill
+            json.dump({"cluster": cluster.proc.pid, "moto": s3.proc.pid, **({"mlflow": mlflow.proc.pid} if mlflow
+                                                                               else {})}, f)
         result["cluster_up_s"] = round(time.time() - t_up, 1)
         os.environ.update({k: v for k, v in cluster.client_env.items() if k.startswith("RAY_")})
         os.environ.update(s3.env)
@@ -225,14 +251,20 @@ def run_exercise(plan: Plan, cluster_yaml: str = os.path.join(REPO, "cluster.yam
 
         refresh_ray_config()  # RAY_AUTH_MODE=token for this process's GCS and state API clients
         run_dir = os.path.join(plan.out, "outputs", "runs", plan.name)
-        renv = runtime_env(tracking_uri=plan.tracking_uri, env=_job_env(plan, digests))
+        tracking_uri = mlflow.url if mlflow else None
+        renv = runtime_env(tracking_uri=tracking_uri, env=_job_env(plan, digests))
         job_log = os.path.join(plan.out, "job.log")
+        cluster.status()  # the GCS client and its imports ready before the clock starts
         tl.t0 = time.time()
         tl.add("submit", job=plan.name)
-        job = submit(cluster, plan, renv, job_log)
+        job = submit(cluster, plan, renv, job_log, tracking_uri)
         while job.poll() is None:
             tl.poll_cluster(cluster)
             tl.poll_run(run_dir)
+            for key, at in (("alive_at_first_step", 1), ("alive_mid_run", plan.steps // 2)):
+                if tl.records and tl.records[-1]["step"] >= at and key not in result:  # what holds which node
+                    result[key] = alive_on(cluster, {n: i["type"] for n, i in tl.nodes.items()})
+                    tl.add("actors alive", step=tl.records[-1]["step"], **{k: len(v) for k, v in result[key].items()})
             if (plan.preempt_after is not None and result["preempted"] is None and tl.world_size == 2
                     and tl.records[-1]["step"] >= plan.preempt_after):
                 victim = sorted(tl.alive("gpu_train"))[-1]
@@ -268,10 +300,14 @@ def run_exercise(plan: Plan, cluster_yaml: str = os.path.join(REPO, "cluster.yam
         result["scale_down_s"] = None if left else round(max(0.0, last_term - job_end), 1)
         result["placement"] = placement(cluster, {n: i["type"] for n, i in tl.nodes.items()})
         result["uploaded"] = _uploaded(cluster.temp_dir)
+        result["checkpoints"] = sorted({o["Key"].split("/")[2] for o in s3.client().list_objects_v2(
+            Bucket="tst-runs", Prefix=f"runs/{plan.name}/").get("Contents", []) if o["Key"].count("/") > 2})
     finally:
         if cluster is not None:
             _save_head_logs(cluster, plan.out)
             cluster.stop()
+        if mlflow is not None:
+            mlflow.stop()
         result["events"] = tl.events
         result["nodes"] = tl.nodes
         result["records"] = tl.records
@@ -358,14 +394,15 @@ def compare_with_reference(plan: Plan, digests: str, records: list[dict]) -> dic
             "final_loss_reference": ref[last]["train_loss"]}
 
 
-def _uploaded(temp_dir: str) -> dict[str, list[str]]:
-    """{package folder: files in it} of the working dirs Ray unpacked for the jobs."""
+def _uploaded(temp_dir: str) -> dict[str, dict[str, int]]:
+    """{package folder: {file: bytes}} of the working dirs Ray unpacked for the jobs."""
     import glob
 
     out = {}
     for pkg in glob.glob(os.path.join(temp_dir, "session_2*", "runtime_resources", "working_dir_files", "*")):
         if os.path.isdir(pkg):
-            out[pkg] = sorted(os.path.relpath(os.path.join(d, f), pkg) for d, _, fs in os.walk(pkg) for f in fs)
+            out[pkg] = {os.path.relpath(os.path.join(d, f), pkg): os.path.getsize(os.path.join(d, f))
+                        for d, _, fs in os.walk(pkg) for f in fs}
     return out
 
 
