@@ -1,44 +1,22 @@
-"""cluster.yaml and Ray Jobs: the launcher config validated offline, node types vs the resources the code asks for,
-and a real `ray start --head` (token auth on, loopback only) that runs `ray job submit -- tst train ...`.
+"""cluster.yaml and Ray Jobs, offline: the launcher configs validated against Ray's schema, the exact versions the
+nodes install, node types vs the resources the code asks for (the autoscaler's own bin-packing), the upload
+excludes, and no node open to the internet.
 
-This module never touches the session's shared Ray (`ray_session`): the head is a separate `ray start --head
---block` process with its own temp dir and ports, the job driver is a process that Ray's job server starts, and
-the test process only talks HTTP to it through the `ray job submit` CLI. Every process is cleaned up by PID.
+The live side (a real head with token auth and `ray job submit -- tst train ...`, MLflow, the upload, the code on
+PYTHONPATH, autoscaling) is tests/test_autoscale.py, which also uses `_repo_copy` and `JUNK` from here.
 """
 
 import copy
 import functools
-import glob
 import json
 import os
-import secrets
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
 
 import pytest
 import yaml
-from netutil import free_ports
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.dirname(sys.executable)
-RAY = os.path.join(BIN, "ray")
-
-TINY = [
-    "model.preset=tiny", "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
-    "model.intermediate_size=128",
-    "data.source=builtin:wiki", "data.max_documents=300", "data.tokenizer=bpe:512", "data.seq_len=32",
-    "data.val_windows=8",
-    "train.steps=4", "train.global_batch_size=4", "train.warmup_steps=1", "train.log_every=1",
-    "train.eval_every=2", "train.checkpoint_every=2",
-    "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
-]
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # cluster.yaml, offline
@@ -70,9 +48,15 @@ def test_cluster_yaml_validates_against_rays_schema(path):
     assert types["gpu_train"]["resources"]["GPU"] == 8
     assert types[cfg["head_node_type"]]["resources"].get("CPU") == 0  # nothing scheduled on the head
     assert 0 < cfg["idle_timeout_minutes"] <= 30
-    # setup installs this project (with a CUDA torch) on every node; no credentials anywhere in the file
+    # setup installs exact versions (requirements-cluster.txt, a CUDA torch among them), then this project without
+    # resolving anything, on every node; every node boots one pinned image, not "latest" or an image family: a node
+    # launched later runs the same software
     setup = " ".join(cfg["setup_commands"])
-    assert "pip install" in setup and "-e ~/tst" in setup and "torch" in setup
+    assert "pip install -q -r ~/tst/requirements-cluster.txt" in setup and "--no-deps -e ~/tst" in setup
+    assert not any(c in setup for c in (">=", "~=", "--upgrade")), setup
+    for name, t in cfg["available_node_types"].items():
+        image = t["node_config"].get("ImageId") or t["node_config"]["disks"][0]["initializeParams"]["sourceImage"]
+        assert "latest" not in image and "/family/" not in image and "resolve:ssm" not in image, (name, image)
     text = open(os.path.join(REPO, path)).read()
     for secret in ("aws_secret_access_key", "AKIA", "BEGIN RSA", "RAY_AUTH_TOKEN=", "private_key"):
         assert secret.lower() not in text.lower(), secret
@@ -83,6 +67,28 @@ def test_cluster_yaml_validates_against_rays_schema(path):
     # shared storage for checkpoints and MLflow artifacts is named in the config
     assert "--artifacts-destination" in " ".join(cfg["head_setup_commands"])
     assert ("s3://" if path == "cluster.yaml" else "gs://") in text
+
+
+def test_cluster_lock_is_exact_and_matches_the_project():
+    """requirements-cluster.txt (what the nodes install): name==version only, one line per package, the ray and
+    mlflow pyproject pins, and every runtime dependency of the project covered."""
+    import re
+    import tomllib
+
+    lines = [ln.strip() for ln in open(os.path.join(REPO, "requirements-cluster.txt")) if ln.strip() and
+             not ln.startswith("#")]
+    assert lines and all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[0-9][A-Za-z0-9.+]*", ln) for ln in lines), \
+        [ln for ln in lines if not re.fullmatch(r"[A-Za-z0-9_.\-]+==[0-9][A-Za-z0-9.+]*", ln)]
+    norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()  # noqa: E731
+    pins = {norm(ln.split("==")[0]): ln.split("==")[1] for ln in lines}
+    assert len(pins) == len(lines)  # no package twice
+    deps = tomllib.load(open(os.path.join(REPO, "pyproject.toml"), "rb"))["project"]["dependencies"]
+    for d in deps:
+        name = norm(re.split(r"[\[<>=~! ;]", d, maxsplit=1)[0])
+        assert name in pins, f"{name} (pyproject) is not pinned in requirements-cluster.txt"
+        if "==" in d:
+            assert pins[name] == d.split("==")[1].split(";")[0].strip(), (name, pins[name], d)
+    assert pins["ray"] == "2.60.0" and pins["mlflow"] == "3.17.2" and "boto3" in pins  # the head's S3 artifacts
 
 
 def _requested_resources(cfg) -> dict[str, list[dict]]:
@@ -140,92 +146,8 @@ def test_node_types_carry_what_the_code_requests():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# A real head node: `ray start --head` + `ray job submit`
+# What `ray job submit --working-dir .` uploads
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _descendants(pid: int) -> list[int]:
-    """PIDs below `pid` (from /proc), children first found breadth-first."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def _kill_tree(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
-    """Stop a `ray start --block` head that this test started: SIGTERM, a short grace, then SIGKILL for it, its
-    process group (its own session) and every descendant that left the group (job drivers, workers)."""
-    pids = _descendants(proc.pid)
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-    pids += _descendants(proc.pid)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    for pid in set(pids):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(10)
-
-
-@pytest.fixture
-def ray_head():
-    """`ray start --head` on 127.0.0.1 with its own temp dir, ports and auth token; stopped by PID afterwards."""
-    temp_dir = tempfile.mkdtemp(prefix="tsth", dir="/tmp")  # short: Unix socket paths live under it
-    gcs, dash, client, agent = free_ports(4)
-    token = secrets.token_hex(32)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # loopback IP
-               TOKENIZERS_PARALLELISM="false", RAY_DEDUP_LOGS="0", PATH=BIN + os.pathsep + env.get("PATH", ""))
-    log = open(os.path.join(temp_dir, "head.log"), "w")
-    proc = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--disable-usage-stats", "--port", str(gcs), "--num-cpus", "4",
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
-         "--dashboard-agent-listen-port", str(agent), "--temp-dir", temp_dir],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{dash}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                req = urllib.request.Request(url + "/api/version", headers={"Authorization": f"Bearer {token}"})
-                urllib.request.urlopen(req, timeout=2).read()
-                break
-            except (urllib.error.URLError, OSError):
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("ray start --head failed:\n" + open(log.name).read()[-3000:])
-                time.sleep(0.5)
-        yield {"url": url, "env": env, "token": token, "temp_dir": temp_dir}
-    finally:
-        _kill_tree(proc)
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def _submit(head, working_dir, entrypoint, runtime_env=None, timeout=300):
-    cmd = [RAY, "job", "submit", "--address", head["url"], "--working-dir", working_dir]
-    if runtime_env:
-        cmd += ["--runtime-env-json", json.dumps(runtime_env)]
-    return subprocess.run(cmd + ["--"] + entrypoint, env=head["env"], capture_output=True, text=True,
-                          timeout=timeout, cwd=working_dir)
 
 
 def _repo_copy(dst: str) -> str:
@@ -248,68 +170,6 @@ def _repo_copy(dst: str) -> str:
 JUNK = {"outputs/runs/old/checkpoints/step_00000100/model.bin": 3 << 20, "outputs/mlflow.db": 1 << 16,
         "mlruns/0/meta.yaml": 100, "data/corpus.jsonl": 2 << 20, "mlflow.db": 1 << 16,
         "checkpoints/step_1/shard.pt": 1 << 20, "shards/part-0.parquet": 1 << 20, ".venv/lib/x.py": 100}
-
-
-def test_ray_job_submit_trains_and_logs_to_mlflow(ray_head, tmp_path):
-    """`RAY_AUTH_MODE=token ray job submit --working-dir . -- tst train ...` against a real head: the job succeeds,
-    its logs stream back, its run is in MLflow, and outputs/data/stores were not uploaded."""
-    import mlflow
-
-    from pipeline.cli.job import runtime_env
-
-    work = _repo_copy(str(tmp_path / "repo"))
-    out = str(tmp_path / "outputs")
-    db = str(tmp_path / "mlflow.db")
-    uri = f"sqlite:///{db}"
-    renv = runtime_env(tracking_uri=uri)  # the MLflow location reaches the job driver through the runtime env
-
-    # without the token the job server refuses the client
-    no_token = {k: v for k, v in ray_head["env"].items() if k not in ("RAY_AUTH_TOKEN",)}
-    no_token["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
-    r = subprocess.run([RAY, "job", "list", "--address", ray_head["url"]], env=no_token, capture_output=True,
-                       text=True, timeout=60)
-    assert r.returncode != 0 and "auth" in (r.stdout + r.stderr).lower()
-
-    t0 = time.time()
-    r = _submit(ray_head, work, ["tst", "train", "--config", "recipes/tiny.yaml", "--name", "job-run",
-                                 f"run.output_dir={out}", *TINY], runtime_env=renv)
-    wall = time.time() - t0
-    logs = r.stdout + r.stderr
-    assert r.returncode == 0, logs[-4000:]
-    assert "succeeded" in logs.lower()
-    assert "[tst] done: job-run | steps 4" in logs  # the driver's output streamed back through the job server
-    print(f"\njob submit -> succeeded in {wall:.1f}s")
-
-    # the run is in MLflow with its metric history and world size
-    client = mlflow.MlflowClient(uri)
-    exp = client.get_experiment_by_name("tst")
-    runs = client.search_runs([exp.experiment_id], "tags.`tst.run_name` = 'job-run'")
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    hist = client.get_metric_history(runs[0].info.run_id, "train_loss")
-    assert sorted(m.step for m in hist) == list(range(1, 5))
-    assert client.get_metric_history(runs[0].info.run_id, "world_size")[-1].value == 2
-    assert os.path.exists(os.path.join(out, "runs", "job-run", "step_00000004"))  # Ray Train storage
-
-    # what was uploaded: the package Ray unpacked for the job on the node
-    pkgs = [p for p in glob.glob(os.path.join(ray_head["temp_dir"], "session_2*", "runtime_resources",
-                                              "working_dir_files", "*")) if os.path.isdir(p)]
-    assert len(pkgs) == 1, pkgs
-    pkg = pkgs[0]
-    uploaded = {os.path.relpath(os.path.join(d, f), pkg) for d, _, fs in os.walk(pkg) for f in fs}
-    assert "pipeline/cli/job.py" in uploaded and "recipes/tiny.yaml" in uploaded and "cluster.yaml" in uploaded
-    # (the job itself may write into its working dir, e.g. MLflow's default ./mlruns artifact root with a SQLite
-    # store, so look for the exact files that were planted before the upload)
-    assert not set(JUNK) & uploaded, sorted(set(JUNK) & uploaded)
-    assert not any(u.startswith(("outputs/", "data/", ".venv/", ".git/")) for u in uploaded)
-    size = sum(os.path.getsize(os.path.join(pkg, u)) for u in uploaded)
-    assert size < 3 << 20, size  # the 8 MB of planted outputs and data stayed behind
-
-    # the code that ran is the uploaded copy (first on PYTHONPATH), not the installed package
-    r = _submit(ray_head, work, [sys.executable, "-c",
-                                 "import os, pipeline; print('PIPELINE_AT', os.path.dirname(pipeline.__file__))"])
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    at = [line.split("PIPELINE_AT ", 1)[1].strip() for line in r.stdout.splitlines() if "PIPELINE_AT " in line]
-    assert at and os.path.realpath(at[0]).startswith(os.path.realpath(pkg)), (at, pkg)
 
 
 def test_upload_excludes_are_rays_own_matching():
