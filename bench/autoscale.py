@@ -33,6 +33,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--idle-timeout-min", type=float, default=0.25)
     ap.add_argument("--resize-interval-s", type=float, default=5.0)
+    ap.add_argument("--boot-s", type=float, default=45.0,
+                    help="seconds a launched node takes to appear, as a cloud VM boots (0: at once)")
+    ap.add_argument("--start-timeout-s", type=float, default=20.0,
+                    help="RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S of the job (Ray's default: 60)")
     ap.add_argument("--min-workers", type=int, default=1, help="0: exactly 2 workers (no elastic range)")
     ap.add_argument("--name", default="autoscale")
     ap.add_argument("--mlflow-db", default=None, help="log the run to an MLflow server over this SQLite file")
@@ -44,7 +48,8 @@ def main(argv=None) -> int:
                 preempt_after=None if args.no_preempt else args.preempt_after, reference=not args.no_reference,
                 idle_timeout_minutes=args.idle_timeout_min, resize_interval_s=args.resize_interval_s,
                 min_workers=args.min_workers or None, name=args.name, mlflow_db=args.mlflow_db and os.path.abspath(args.mlflow_db),
-                probes=args.probes, **({"working_dir": os.path.abspath(args.working_dir)} if args.working_dir else {}))
+                probes=args.probes, boot_s=args.boot_s,
+                extra_env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(args.start_timeout_s)}, **({"working_dir": os.path.abspath(args.working_dir)} if args.working_dir else {}))
     print("[autoscale] node types from cluster.yaml:", SCALE_RULE.format(cpus=1, max_nodes=2), flush=True)
     r = run_exercise(plan)
     print(report(r))
@@ -54,7 +59,7 @@ def main(argv=None) -> int:
 def report(r: dict) -> str:
     lines = ["", "timeline (s from submit):"]
     for ev in r["events"]:
-        lines.append(f"  {ev['t']:7.1f}  {ev['what']:<11}" + "  ".join(f"{k}={v}" for k, v in ev.items()
+        lines.append(f"  {ev['t']:7.1f}  {ev['what']:<13} " + "  ".join(f"{k}={v}" for k, v in ev.items()
                                                                       if k not in ("t", "what")))
     by_type: dict = {}
     for n in r["nodes"].values():
@@ -80,7 +85,8 @@ def report(r: dict) -> str:
                      f"(tokens lost {ref['tokens_lost']}, repeated {ref['tokens_repeated']}; tokens trained "
                      f"{ref['tokens_trained']} vs {ref['tokens_trained_reference']}); final loss (step "
                      f"{ref['final_step']}) {ref['final_loss']} vs {ref['final_loss_reference']}; largest relative "
-                     f"loss difference over {ref['steps_compared']} logged steps {ref['max_rel_loss_diff']:.2e}")
+                     f"loss difference over {ref['steps_compared']} logged steps {ref['max_rel_loss_diff']:.2e} (first step "
+                     f"over 1e-4: {ref['first_step_over_1e-4']})")
     return "\n".join(lines)
 
 

@@ -132,12 +132,13 @@ class LocalAutoscalingCluster:
     and terminates the worker node types of `local_node_types` as raylets on this machine."""
 
     def __init__(self, head_resources: dict, worker_types: dict, idle_timeout_minutes: float = 0.25,
-                 env: Optional[dict] = None, upscaling_speed: float = 1.0):
+                 env: Optional[dict] = None, upscaling_speed: float = 1.0, boot_s: float = 0.0):
         self.head_resources = dict(head_resources)
         self.worker_types = worker_types
         self.idle_timeout_minutes = idle_timeout_minutes
         self.extra_env = dict(env or {})
         self.upscaling_speed = upscaling_speed
+        self.boot_s = boot_s  # seconds a launched node takes to appear (a cloud VM's boot); 0: at once
         self.proc: Optional[subprocess.Popen] = None
         self.temp_dir = tempfile.mkdtemp(prefix="tsta", dir="/tmp")  # short: Unix socket paths live under it
         self.token = secrets.token_hex(32)
@@ -148,7 +149,7 @@ class LocalAutoscalingCluster:
     def config(self) -> dict:
         from pipeline.ray_internals import FAKE_HEAD_NODE_TYPE, fake_multinode_provider
 
-        provider, _ = fake_multinode_provider(self.gcs_address)
+        provider, _ = fake_multinode_provider(self.gcs_address, self.boot_s)
         types = {FAKE_HEAD_NODE_TYPE: {"resources": {k: v for k, v in self.head_resources.items()
                                                        if k != "object_store_memory"},
                                        "node_config": {}, "max_workers": 0}}

@@ -103,25 +103,68 @@ def coordinator_tick_hook() -> None:
 FAKE_HEAD_NODE_ID = "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"
 # The fake provider tags its head with this node type whatever the config calls it.
 FAKE_HEAD_NODE_TYPE = "ray.head.default"
-FAKE_PROVIDER_CLASS = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"
+# The provider the local autoscaling cluster names: Ray's FakeMultiNodeProvider with a boot delay (below).
+FAKE_PROVIDER_CLASS = "pipeline.ray_internals.BootDelayFakeProvider"
 
 
-def fake_multinode_provider(gcs_address: str) -> tuple[dict, dict]:
+def __getattr__(name: str):
+    """`BootDelayFakeProvider` is built on first access (the autoscaler's monitor imports it by name), so importing
+    this module does not import Ray's autoscaler."""
+    if name == "BootDelayFakeProvider":
+        cls = _boot_delay_provider()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(name)
+
+
+def _boot_delay_provider():
+    """Ray's `FakeMultiNodeProvider` whose nodes take `provider.boot_s` seconds to appear after the autoscaler asks
+    for them, as a cloud VM takes to boot (the fake provider starts a raylet at once). Without it, a preempted
+    train node was replaced before Ray Train had restarted the run, so the shrink to fewer workers that a real
+    replacement (minutes) forces never happened here.
+
+    Relies on (Ray 2.60.0) `ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider` and its
+    `create_node_with_resources_and_labels(node_config, tags, count, resources, labels)`, which autoscaler v2
+    calls to launch and then matches against `non_terminated_nodes()`; a request stays REQUESTED meanwhile (for up
+    to RAY_AUTOSCALER_RECONCILE_REQUEST_STATUS_TIMEOUT_S, 10 min)."""
+    import threading
+    import time
+
+    from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeProvider
+
+    class BootDelayFakeProvider(FakeMultiNodeProvider):
+        def create_node_with_resources_and_labels(self, node_config, tags, count, resources, labels):
+            boot_s = float(self.provider_config.get("boot_s", 0) or 0)
+            if boot_s <= 0:
+                return super().create_node_with_resources_and_labels(node_config, tags, count, resources, labels)
+            launch = super().create_node_with_resources_and_labels
+
+            def boot():
+                time.sleep(boot_s)
+                launch(node_config, tags, count, resources, labels)
+
+            threading.Thread(target=boot, daemon=True, name="fake-node-boot").start()
+
+    return BootDelayFakeProvider
+
+
+def fake_multinode_provider(gcs_address: str, boot_s: float = 0.0) -> tuple[dict, dict]:
     """(provider config, env of `ray start --head`) for Ray's fake multi-node provider under autoscaler v2 (the
     autoscaler `ray up` starts since Ray 2.50).
 
     Relies on (Ray 2.60.0): the class `FakeMultiNodeProvider` (ray/autoscaler/_private/fake_multi_node/
     node_provider.py: each "instance" is a raylet it starts on this machine with the node type's resources and
     labels; `gcs_address` points it at a head that is not on port 6379; `launch_multiple` and `head_node_id` are
-    what v2 needs), named as an `external` provider module because the `fake_multinode` provider type loads its
-    defaults from fake_multi_node/example.yaml, which the 2.60.0 wheel does not ship, and the variables `ray.cluster_utils.AutoscalingCluster.start` sets: RAY_FAKE_CLUSTER (the
+    what v2 needs), here through `BootDelayFakeProvider` named as an `external` provider module (the
+    `fake_multinode` provider type loads its defaults from fake_multi_node/example.yaml, which the 2.60.0 wheel
+    does not ship), and the variables `ray.cluster_utils.AutoscalingCluster.start` sets: RAY_FAKE_CLUSTER (the
     provider refuses to start without it), AUTOSCALER_UPDATE_INTERVAL_S, RAY_enable_autoscaler_v2 and
     RAY_CLOUD_INSTANCE_ID of the head. We do not call AutoscalingCluster itself: its `start()` and `shutdown()`
-    run `ray stop --force`, which kills every Ray on the machine, and it reads that missing example.yaml too. If Ray changes these, the local exercise fails to start (it
-    cannot pass silently)."""
-    provider = {"type": "external", "module": FAKE_PROVIDER_CLASS, "use_node_id_as_ip": True, "disable_node_updaters": True,
-                "disable_launch_config_check": True, "gcs_address": gcs_address, "launch_multiple": True,
-                "head_node_id": FAKE_HEAD_NODE_ID}
+    run `ray stop --force`, which kills every Ray on the machine, and it reads that missing example.yaml too. If
+    Ray changes these, the local exercise fails to start (it cannot pass silently)."""
+    provider = {"type": "external", "module": FAKE_PROVIDER_CLASS, "use_node_id_as_ip": True,
+                "disable_node_updaters": True, "disable_launch_config_check": True, "gcs_address": gcs_address,
+                "launch_multiple": True, "head_node_id": FAKE_HEAD_NODE_ID, "boot_s": boot_s}
     env = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_enable_autoscaler_v2": "1",
            "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID, "RAY_NODE_TYPE_NAME": FAKE_HEAD_NODE_TYPE}
     return provider, env

@@ -106,10 +106,12 @@ def test_job_scales_node_types_up_places_work_and_scales_down(tmp_path):
     assert p["tokenizer_actors"] and set(p["tokenizer_actors"]) == {"cpu_data"}, p
     assert p["read_tasks"] and set(p["read_tasks"]) == {"cpu_data"}, p
     assert sorted(p["train_workers"]) == ["gpu_train", "gpu_train"], p
-    # while training, the train nodes hold the workers only and no data node is held by anything (the driver's
-    # stop-flag actor once landed on one and kept it for the whole run)
+    # while training, nothing of ours holds a data node (the driver's stop-flag actor, 0 CPUs, once landed on one and
+    # kept it from going idle for the whole run). Ray Train's own PreemptionWatcher (0 CPUs, default scheduling)
+    # can land on any node, a data node included: Ray's, not fixable here (docs/cluster.md)
     alive = r["alive_at_first_step"]
-    assert set(alive["gpu_train"]) == {"RayTrainWorker"} and "cpu_data" not in alive, alive
+    assert sorted(alive["gpu_train"]).count("RayTrainWorker") == 2, alive
+    assert set(alive.get("cpu_data", [])) <= {"PreemptionWatcher"}, alive
     # after the job every worker node went away, within the idle timeout (plus the autoscaler's polling)
     assert r["scale_down_s"] is not None and r["scale_down_s"] <= IDLE_MIN * 60 + 30, r["events"][-6:]
     assert all(n["terminated"] for n in r["nodes"].values() if n["type"] != "ray.head.default")

@@ -43,6 +43,7 @@ class Plan:
     preempt_after: Optional[int] = 30  # None: no preemption
     reference: bool = True
     idle_timeout_minutes: float = 0.25
+    boot_s: float = 0.0  # seconds a launched node takes to appear (a cloud VM boots in minutes; the fake one at once)
     resize_interval_s: float = 5.0
     mlflow_db: Optional[str] = None  # an MLflow server over this SQLite file for the run (None: no MLflow)
     working_dir: str = REPO
@@ -63,7 +64,7 @@ def job_overrides(plan: Plan, tracking_uri: Optional[str] = None) -> list[str]:
             "data.num_tokenize_actors=2", "data.read_cpus=0.25", "data.tokenize_actor_cpus=0.25",
             "data.actor_resources={data_node: 0.001}",
             f"train.steps={plan.steps}", "train.switch_fraction=0.3", "train.global_batch_size=4",
-            "train.micro_batch_size=1", "train.lr=3e-3", "train.warmup_steps=2", "train.log_every=1",
+            "train.micro_batch_size=1", "train.lr=1e-3", "train.warmup_steps=2", "train.log_every=1",
             f"train.eval_every={max(5, plan.steps // 4)}", "train.checkpoint_every=5", "train.keep_checkpoints=3",
             "train.threads=1",
             "scaling.num_workers=2", f"scaling.min_workers={plan.min_workers or 'null'}", "scaling.cpus_per_worker=0.5",
@@ -238,7 +239,7 @@ def run_exercise(plan: Plan, cluster_yaml: str = os.path.join(REPO, "cluster.yam
         head, workers = local_node_types(cluster_yaml, max_nodes=plan.max_nodes)
         result["node_types"] = {"head": head, **{k: v["resources"] for k, v in workers.items()}}
         cluster = LocalAutoscalingCluster(head, workers, idle_timeout_minutes=plan.idle_timeout_minutes,
-                                          env=s3.env)
+                                          env=s3.env, boot_s=plan.boot_s)
         t_up = time.time()
         cluster.start()
         with open(os.path.join(plan.out, "sessions.json"), "w") as f:  # for a caller that must clean up after a kill
@@ -384,7 +385,9 @@ def compare_with_reference(plan: Plan, digests: str, records: list[dict]) -> dic
                  for r in records if r["step"] in ref), default=None)
     last = max(ref)
     final = [r for r in records if r["step"] == last]
-    return {"windows": len(ref_w), "windows_lost": len(lost_keys), "windows_repeated": len(repeated_keys),
+    drift = [r["step"] for r in records if r["step"] in ref and
+             abs(r["train_loss"] - ref[r["step"]]["train_loss"]) > 1e-4 * abs(ref[r["step"]]["train_loss"])]
+    return {"first_step_over_1e-4": min(drift) if drift else None,"windows": len(ref_w), "windows_lost": len(lost_keys), "windows_repeated": len(repeated_keys),
             "tokens_trained_reference": ref[last]["raw_tokens"],
             "tokens_trained": final[-1]["raw_tokens"] if final else None,
             "tokens_lost": int(sum(per_window.get(k[0], 0) for k in lost_keys)),
