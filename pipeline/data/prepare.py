@@ -219,16 +219,30 @@ def _np_cols(cols: dict) -> dict:
 
 
 class _TokenizeActor:
-    """Ray Data tokenize stage: a CPU actor holding the tokenizer (`tokenize_rows`, as in-process)."""
+    """Ray Data tokenize stage: a CPU actor holding the tokenizer (`tokenize_rows`, as in-process).
 
-    def __init__(self, tok_path: str, eos_token: Optional[str], threads: int):
+    It gets the tokenizer.json's text, not the driver's path to it: on a cluster the actor runs on a data node,
+    where a file under the driver's output_dir (a trained or cached tokenizer) does not exist. (The fake nodes of
+    tests/test_autoscale.py share one disk, so only reading the code shows this.)"""
+
+    def __init__(self, tok_json: str, eos_token: Optional[str], threads: int):
         # Each actor owns `threads` CPUs: size the tokenizers (rayon) pool to it.
         os.environ["RAYON_NUM_THREADS"] = str(max(1, threads))
         os.environ["RAYON_RS_NUM_CPUS"] = str(max(1, threads))
         os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
+        import hashlib
+        import tempfile
+
         from pipeline.data.tokenizer import TSTTokenizer
 
-        self.tok = TSTTokenizer(tok_path, eos_token)
+        path = os.path.join(tempfile.gettempdir(),
+                            f"tst-tokenizer-{hashlib.sha256(tok_json.encode()).hexdigest()[:16]}.json")
+        if not os.path.exists(path):
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                f.write(tok_json)
+            os.replace(tmp, path)
+        self.tok = TSTTokenizer(path, eos_token)
 
     def __call__(self, batch: dict):
         import pyarrow as pa
@@ -276,7 +290,9 @@ def _ray_batches(p: _Pass, data_cfg, tok, start, batch_docs: int) -> Iterator[tu
     with warnings.catch_warnings():  # max_restarts has no named parameter yet: Ray Data 2.60's own advice
         # (actor_pool_map_operator: "map_batches(..., max_restarts=0) to disable") is the deprecated **ray_remote_args
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        ds = ds.map_batches(_TokenizeActor, fn_constructor_args=(tok.path, tok.eos_token, threads),
+        with open(tok.path) as f:
+            tok_json = f.read()
+        ds = ds.map_batches(_TokenizeActor, fn_constructor_args=(tok_json, tok.eos_token, threads),
                             batch_size=data_cfg.tokenize_batch_size, batch_format="numpy",
                             compute=ActorPoolStrategy(size=max(1, data_cfg.num_tokenize_actors)),
                             num_cpus=data_cfg.tokenize_actor_cpus, resources=res, **_actor_restarts())
