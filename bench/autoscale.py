@@ -47,9 +47,10 @@ def main(argv=None) -> int:
     plan = Plan(out=os.path.abspath(args.out), steps=args.steps,
                 preempt_after=None if args.no_preempt else args.preempt_after, reference=not args.no_reference,
                 idle_timeout_minutes=args.idle_timeout_min, resize_interval_s=args.resize_interval_s,
-                min_workers=args.min_workers or None, name=args.name, mlflow_db=args.mlflow_db and os.path.abspath(args.mlflow_db),
-                probes=args.probes, boot_s=args.boot_s,
-                extra_env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(args.start_timeout_s)}, **({"working_dir": os.path.abspath(args.working_dir)} if args.working_dir else {}))
+                min_workers=args.min_workers or None, name=args.name,
+                mlflow_db=args.mlflow_db and os.path.abspath(args.mlflow_db), probes=args.probes, boot_s=args.boot_s,
+                extra_env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(args.start_timeout_s)},
+                **({"working_dir": os.path.abspath(args.working_dir)} if args.working_dir else {}))
     print("[autoscale] node types from cluster.yaml:", SCALE_RULE.format(cpus=1, max_nodes=2), flush=True)
     r = run_exercise(plan)
     print(report(r))
@@ -78,15 +79,16 @@ def report(r: dict) -> str:
     lines.append(f"actors alive at the first training step: {r.get('alive_at_first_step')}")
     lines.append(f"actors alive mid-run: {r.get('alive_mid_run')}")
     lines.append(f"job rc {r.get('job_rc')}; cluster up {r.get('cluster_up_s')} s; worker nodes gone "
-                 f"{r.get('scale_down_s')} s after the job (idle timeout {r['plan']['idle_timeout_minutes'] * 60:.0f} s)")
+                 f"{r.get('scale_down_s')} s after the job (idle timeout "
+                 f"{r['plan']['idle_timeout_minutes'] * 60:.0f} s)")
     ref = r.get("reference")
     if ref:
-        lines.append(f"vs the uninterrupted run: windows lost {ref['windows_lost']}, repeated {ref['windows_repeated']} "
-                     f"(tokens lost {ref['tokens_lost']}, repeated {ref['tokens_repeated']}; tokens trained "
-                     f"{ref['tokens_trained']} vs {ref['tokens_trained_reference']}); final loss (step "
+        lines.append(f"vs the uninterrupted run: windows lost {ref['windows_lost']}, repeated "
+                     f"{ref['windows_repeated']} (tokens lost {ref['tokens_lost']}, repeated {ref['tokens_repeated']}; "
+                     f"tokens trained {ref['tokens_trained']} vs {ref['tokens_trained_reference']}); final loss (step "
                      f"{ref['final_step']}) {ref['final_loss']} vs {ref['final_loss_reference']}; largest relative "
-                     f"loss difference over {ref['steps_compared']} logged steps {ref['max_rel_loss_diff']:.2e} (first step "
-                     f"over 1e-4: {ref['first_step_over_1e-4']})")
+                     f"loss difference over {ref['steps_compared']} logged steps {ref['max_rel_loss_diff']:.2e} "
+                     f"(first step over 1e-4: {ref['first_step_over_1e-4']})")
     return "\n".join(lines)
 
 

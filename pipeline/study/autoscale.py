@@ -387,7 +387,8 @@ def compare_with_reference(plan: Plan, digests: str, records: list[dict]) -> dic
     final = [r for r in records if r["step"] == last]
     drift = [r["step"] for r in records if r["step"] in ref and
              abs(r["train_loss"] - ref[r["step"]]["train_loss"]) > 1e-4 * abs(ref[r["step"]]["train_loss"])]
-    return {"first_step_over_1e-4": min(drift) if drift else None,"windows": len(ref_w), "windows_lost": len(lost_keys), "windows_repeated": len(repeated_keys),
+    return {"first_step_over_1e-4": min(drift) if drift else None, "windows": len(ref_w),
+            "windows_lost": len(lost_keys), "windows_repeated": len(repeated_keys),
             "tokens_trained_reference": ref[last]["raw_tokens"],
             "tokens_trained": final[-1]["raw_tokens"] if final else None,
             "tokens_lost": int(sum(per_window.get(k[0], 0) for k in lost_keys)),
