@@ -324,13 +324,16 @@ class MlflowServer:
     """`mlflow server` on 127.0.0.1 over a SQLite file, as cluster.yaml runs it on the head (artifacts proxied to a
     local folder here, to S3 there)."""
 
-    def __init__(self, db_path: str, artifacts: str, timeout_s: float = 120):
+    def __init__(self, db_path: str, artifacts: str):
+        """Starts the server; `wait()` for it (other things can start meanwhile)."""
         (self.port,) = free_ports(1)
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [os.path.join(BIN, "mlflow"), "server", "--backend-store-uri", f"sqlite:///{db_path}", "--host",
              "127.0.0.1", "--port", str(self.port), "--workers", "1", "--artifacts-destination", artifacts],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait(self, timeout_s: float = 120) -> "MlflowServer":
         deadline = time.time() + timeout_s
         while True:
             try:
@@ -341,6 +344,7 @@ class MlflowServer:
                     self.stop()
                     raise RuntimeError("mlflow server did not start")
                 time.sleep(0.5)
+        return self
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -75,6 +75,7 @@ def test_job_scales_node_types_up_places_work_and_scales_down(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     cmd = [sys.executable, os.path.join(REPO, "bench", "autoscale.py"), "--out", out, "--steps", "4",
            "--no-preempt", "--no-reference", "--min-workers", "0", "--idle-timeout-min", str(IDLE_MIN),
+           "--boot-s", "0", "--start-timeout-s", "60",
            "--name", "job-run", "--mlflow-db", db, "--working-dir", work, "--probes"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)

@@ -10,6 +10,7 @@ import copy
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 

@@ -233,18 +233,19 @@ def run_exercise(plan: Plan, cluster_yaml: str = os.path.join(REPO, "cluster.yam
     cluster = mlflow = None
     tl = Timeline()
     try:
-        upload_corpus(s3)
         if plan.mlflow_db:  # the head's tracking server of cluster.yaml (a sqlite:/// URI: see local_cluster)
-            mlflow = MlflowServer(plan.mlflow_db, os.path.join(plan.out, "mlartifacts"))
+            mlflow = MlflowServer(plan.mlflow_db, os.path.join(plan.out, "mlartifacts"))  # starts meanwhile
+        _write_sessions(plan.out, s3, mlflow, None)
+        upload_corpus(s3)
         head, workers = local_node_types(cluster_yaml, max_nodes=plan.max_nodes)
         result["node_types"] = {"head": head, **{k: v["resources"] for k, v in workers.items()}}
         cluster = LocalAutoscalingCluster(head, workers, idle_timeout_minutes=plan.idle_timeout_minutes,
                                           env=s3.env, boot_s=plan.boot_s)
         t_up = time.time()
         cluster.start()
-        with open(os.path.join(plan.out, "sessions.json"), "w") as f:  # for a caller that must clean up after a kill
-            json.dump({"cluster": cluster.proc.pid, "moto": s3.proc.pid, **({"mlflow": mlflow.proc.pid} if mlflow
-                                                                               else {})}, f)
+        if mlflow is not None:
+            mlflow.wait()
+        _write_sessions(plan.out, s3, mlflow, cluster)
         result["cluster_up_s"] = round(time.time() - t_up, 1)
         os.environ.update({k: v for k, v in cluster.client_env.items() if k.startswith("RAY_")})
         os.environ.update(s3.env)
@@ -322,6 +323,13 @@ def run_exercise(plan: Plan, cluster_yaml: str = os.path.join(REPO, "cluster.yam
     with open(os.path.join(plan.out, "result.json"), "w") as f:
         json.dump(result, f, default=str)
     return result
+
+
+def _write_sessions(out: str, s3, mlflow, cluster) -> None:
+    """The process sessions this exercise started, for a caller that must clean up after killing it."""
+    procs = {"moto": s3.proc, "mlflow": getattr(mlflow, "proc", None), "cluster": getattr(cluster, "proc", None)}
+    with open(os.path.join(out, "sessions.json"), "w") as f:
+        json.dump({k: p.pid for k, p in procs.items() if p is not None}, f)
 
 
 def probes(cluster, plan: Plan) -> dict:
