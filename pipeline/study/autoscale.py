@@ -231,6 +231,7 @@ def run_exercise(plan: Plan, cluster_yaml: str = os.path.join(REPO, "cluster.yam
     result: dict = {"plan": dict(plan.__dict__), "preempted": None}
     s3 = MotoS3()
     cluster = mlflow = None
+    done = False
     tl = Timeline()
     try:
         if plan.mlflow_db:  # the head's tracking server of cluster.yaml (a sqlite:/// URI: see local_cluster)
@@ -304,7 +305,10 @@ def run_exercise(plan: Plan, cluster_yaml: str = os.path.join(REPO, "cluster.yam
         result["uploaded"] = _uploaded(cluster.temp_dir)
         result["checkpoints"] = sorted({o["Key"].split("/")[2] for o in s3.client().list_objects_v2(
             Bucket="tst-runs", Prefix=f"runs/{plan.name}/").get("Contents", []) if o["Key"].count("/") > 2})
+        done = True
     finally:
+        if not done:  # an error on the way: nothing follows, so moto goes too
+            s3.stop()
         if cluster is not None:
             _save_head_logs(cluster, plan.out)
             cluster.stop()
