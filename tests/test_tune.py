@@ -302,32 +302,6 @@ def test_printed_table_is_the_papers_layout(grid_search):
     assert len(csv_text) == 5 and csv_text[0].startswith("label,run_name,s,r")
 
 
-def test_torchtrainer_trials_match_the_one_process_loop(grid_search):
-    """backend ray_train: each trial is a TorchTrainer run (Train V2 inside a Tune function trainable, val_loss
-    forwarded by a report callback). Same seeds, same data: the same final losses as the one-process trials."""
-    import dataclasses
-
-    from tune.search import run_search
-
-    # one trial (a TorchTrainer needs about a minute to start and finish on a busy 2-core machine)
-    spec = dataclasses.replace(grid_search["spec"], name="rt1", backend="ray_train",
-                               space={"data.bag_size": [1], "train.switch_fraction": [0.0]})
-    outcome = run_search(spec, console=False)
-    local = {r["label"]: r["final_val_loss"] for r in grid_search["second"].rows}
-    got = {r["label"]: r["final_val_loss"] for r in outcome.rows}
-    assert set(got) == {"baseline"}
-    for label, v in got.items():
-        assert v == pytest.approx(local[label], rel=1e-5, abs=1e-5), (label, v, local[label])
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=outcome.tracking_uri)
-    kids = client.search_runs([client.get_run(outcome.parent_run_id).info.experiment_id],
-                              f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'")
-    assert [k.info.status for k in kids] == ["FINISHED"]
-    for r in outcome.rows:  # Ray Train's storage layout (step_N in the run folder), not the loop's checkpoints/
-        assert any(d.startswith("step_") for d in os.listdir(r["run_dir"])), os.listdir(r["run_dir"])
-
-
 def test_a_search_name_is_not_reused_for_another_space(grid_search):
     """Same name, other space: refused (restore would run the old space); a new name whose runs would collide
     with an earlier search's run folders or MLflow runs: refused too (the trainer would resume those runs)."""
@@ -343,10 +317,13 @@ def test_a_search_name_is_not_reused_for_another_space(grid_search):
         run_search(dataclasses.replace(spec, name="grid4-s2"), console=False)
 
 
-def test_cli_sample_search_with_asha_against_mlflow_server(grid_search, mlflow_server, tmp_path, capsys):
-    """`tst tune` with a YAML spec, Optuna sampling, ASHA, and a real tracking server. The sampled trial has a
-    learning rate 1000x too small, so at the first rung after switch + grace it is clearly worse than the
-    baseline and ASHA cuts it; its child run must end KILLED, not RUNNING."""
+def test_cli_sample_search_with_asha_of_torchtrainer_trials_against_mlflow_server(grid_search, mlflow_server,
+                                                                                   tmp_path, capsys):
+    """`tst tune` with a YAML spec, Optuna sampling, ASHA, a real tracking server and backend ray_train: each trial
+    is a TorchTrainer run (Train V2 inside a Tune function trainable, val_loss forwarded by a report callback).
+    The sampled trial has a learning rate 1000x too small, so at the first rung after switch + grace it is clearly
+    worse than the baseline and ASHA cuts it; its child run must end KILLED, not RUNNING. The baseline trial has
+    the grid's one-process baseline config, seeds and data: it must end at the same loss."""
     from mlflow.tracking import MlflowClient
 
     from pipeline.cli import main
@@ -358,7 +335,7 @@ def test_cli_sample_search_with_asha_against_mlflow_server(grid_search, mlflow_s
         "overrides": TINY + [f"run.output_dir={out}"], "mode": "sample", "search_alg": "optuna", "num_samples": 1,
         "space": {"data.bag_size": {"grid": [2]}, "train.switch_fraction": {"grid": [0.25]},
                   "train.lr": {"loguniform": [1e-6, 2e-6]}},
-        "scheduler": "asha", "grace_steps": 2, "max_concurrent": 1, "name": "asha2"}))
+        "scheduler": "asha", "grace_steps": 2, "max_concurrent": 1, "name": "asha2", "backend": "ray_train"}))
     rc = main(["tune", "--config", str(spec), "--tracking-uri", mlflow_server["url"]])
     printed = capsys.readouterr().out
     assert rc == 0, printed
@@ -374,6 +351,11 @@ def test_cli_sample_search_with_asha_against_mlflow_server(grid_search, mlflow_s
     base, cut = by_base[True], by_base[False]
     assert base.info.status == "FINISHED" and math.isfinite(base.data.metrics["val_loss"])
     assert max(m.step for m in client.get_metric_history(base.info.run_id, "val_loss")) == T
+    local_base = next(r for r in grid_search["second"].rows if r["baseline"])
+    assert base.data.metrics["val_loss"] == pytest.approx(local_base["final_val_loss"], rel=1e-5, abs=1e-5)
+    for k in kids:  # Ray Train's storage layout (step_N in the run folder), not the loop's checkpoints/
+        run_dir = os.path.join(out, "runs", k.data.tags["tst.run_name"])
+        assert any(d.startswith("step_") for d in os.listdir(run_dir)), os.listdir(run_dir)
     assert float(cut.data.params["train.lr"]) < 2e-6
     assert cut.info.status == "KILLED"  # stopped by the scheduler: not left RUNNING
     assert max(m.step for m in client.get_metric_history(cut.info.run_id, "val_loss")) < T
