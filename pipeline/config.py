@@ -41,7 +41,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     """The decoder's shape. `preset` fills every field left at None (see `pipeline.model.transformer.PRESETS`)."""
 
-    preset: str = "tiny"  # tiny | 125M | 270M | 600M | 3B | tiny-moe | 10B-A1B (see pipeline/model/transformer.py)
+    preset: str = "tiny"  # tiny | 5M | 13M | 29M | 125M | 270M | 600M | 3B | tiny-moe | 10B-A1B (see pipeline/model/transformer.py)
     vocab_size: Optional[int] = None  # None: taken from the tokenizer
     hidden_size: Optional[int] = None  # D: model width (None: the preset's)
     num_layers: Optional[int] = None  # decoder blocks

@@ -258,3 +258,16 @@ def test_preset_totals():
     assert totals["3B"] == 3_337_766_912
     assert totals["125M"] == 125_848_320
     assert 1_000_000 < _count("tiny", 4096)[0].num_params() < 2_000_000
+
+
+def test_crossover_presets():
+    """The crossover study's sizes (issue 19): 5M is tiny at hidden 256 / MLP 768 (the docs/results.md model)."""
+    from pipeline.model.transformer import model_summary
+
+    want = {"tiny": (1_836_160, 787_584), "5M": (5_245_184, 3_148_032), "13M": (13_472_640, 10_326_912),
+            "29M": (29_368_832, 25_174_528)}
+    for p, (total, non_emb) in want.items():
+        s = model_summary(ModelConfig(preset=p), 4096, 128)
+        assert (s["params"], s["params_non_embedding"]) == (total, non_emb), p
+    assert model_summary(ModelConfig(preset="tiny", hidden_size=256, intermediate_size=768), 4096, 128)["params"] \
+        == want["5M"][0]

@@ -61,6 +61,23 @@ PRESETS: dict[str, dict] = {
         vocab_size=4096, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384,
         rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=2048,
     ),
+    # The crossover study's CPU sizes (issue 19, pipeline/study/crossover.py): tiny widened and deepened, head dim
+    # 64 from 5M up, all at the 4096-id vocabulary of the CPU corpus. "5M" is the hidden-256 model of
+    # docs/results.md (tiny with hidden_size=256 intermediate_size=768): 5,245,184 parameters (3.15M
+    # non-embedding). "13M": 13,472,640 (10.33M non-embedding). "29M" (the optional fourth size): 29,368,832
+    # (25.17M non-embedding). tests/test_model.py pins the counts.
+    "5M": dict(
+        vocab_size=4096, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=768,
+        rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=2048,
+    ),
+    "13M": dict(
+        vocab_size=4096, hidden_size=384, num_layers=6, num_heads=6, num_kv_heads=2, intermediate_size=1152,
+        rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=2048,
+    ),
+    "29M": dict(
+        vocab_size=4096, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, intermediate_size=1536,
+        rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=2048,
+    ),
     # GPU check: a GPT-2-small-sized Llama. 75.5M non-embedding; with a 32,768-id vocab untied 125.85M in all
     # (with GPT-2's 50,257 ids: 152.7M).
     "125M": dict(
