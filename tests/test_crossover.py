@@ -1,0 +1,52 @@
+"""The crossover study's plan, jobs, comparisons and report (pipeline/study/crossover.py), on a toy model: the
+plan's dependencies (TST and the ladder wait for the lr search), every job kind trained in-process, the ladder's
+T-length decay branch bit-identical to the lr-search run it repeats, the comparison rows and the report files."""
+
+import csv
+import os
+
+from pipeline.study import crossover as X
+from pipeline.study import crossover_report as R
+from pipeline.study.speedup import setting_config
+
+
+def _small(size, seed, out, corpus, lr=1e-3):
+    return setting_config("tiny", {
+        "model.preset": size, "model.hidden_size": 32, "model.num_layers": 1, "model.num_heads": 2,
+        "model.num_kv_heads": 1, "model.intermediate_size": 64, "train.seed": seed, "train.lr": lr,
+        "data.source": corpus, "run.output_dir": out, "data.seq_len": 16, "train.global_batch_size": 2,
+        "train.warmup_steps": 2, "train.eval_every": 10, "train.log_every": 1000, "data.val_windows": 4,
+        "train.threads": 1})
+
+
+def test_crossover_plan_jobs_and_report(tmp_path, monkeypatch):
+    monkeypatch.setattr(X, "base_config", _small)
+    monkeypatch.setattr(X, "T_FIRST", 40)
+    monkeypatch.setattr(X, "GRID", ((4, 0.3), (6, 0.3)))  # two TST runs fewer than the study's grid
+    out, corpus = str(tmp_path / "study"), "builtin:wiki"
+    jobs, blocked = X.plan_jobs(out, corpus, ("tiny",))
+    assert [j.key for j in jobs] == [X.lrsearch_name("tiny", lr) for lr in X.LRS]
+    assert any("wait for the lr search" in b for b in blocked)
+    ran = []
+    while jobs:
+        for j in jobs:
+            X.run_job(j, out, corpus)
+            ran.append((j.kind, j.key))
+        jobs, blocked = X.plan_jobs(out, corpus, ("tiny",))
+    lr = X.chosen_lr(out, "tiny")
+    assert lr in X.LRS
+    assert [k for k, _ in ran].count("ladder") == 1 and len(ran) == 3 + 1 + len(X.GRID)
+    assert any("phase 2" in b for b in blocked)  # one size: no deciding pair
+    # the ladder's T-length branch is the lr-search run at the chosen lr, bit for bit
+    branch = X.finished(out, f"tiny-seed0-lr{lr:g}-base-T40", 40)
+    assert branch["final_val_loss"] == X.finished(out, X.lrsearch_name("tiny", lr), 40)["final_val_loss"]
+    paper = X.compare_cell(out, corpus, "tiny", 0, 40, "paper")
+    best = X.compare_cell(out, corpus, "tiny", 0, 40, "best")
+    assert (paper["s"], paper["r"]) == X.PAPER and (best["s"], best["r"]) == X.chosen_tst(out, "tiny", lr)
+    assert abs(paper["diff_nats"] - (paper["baseline_loss"] - paper["tst_loss"])) < 1e-9
+    res = tmp_path / "results"
+    rep = R.write_report(out, corpus, ("tiny",), str(res))
+    with open(res / "crossover.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["variant"] for r in rows] == ["paper", "best"] and rep["pending"] == []
+    assert os.path.exists(res / "crossover.png") and "own best" in (res / "crossover.md").read_text()
