@@ -3,6 +3,7 @@
 
     python bench/crossover.py --cpu-hours 5                      # run / resume the plan, two jobs at a time
     python bench/crossover.py --cpu-hours 1 --stop-at 10:45      # ... and stop (resumably) at 10:45 UTC
+    timeout 3000 python bench/crossover.py --cpu-hours 1         # SIGTERM: stops the jobs the same way
     python bench/crossover.py --report-only                      # rewrite the tables, CSV and figure
 
 The command line of `pipeline.study.crossover` (the plan of cells, priorities, budget and resuming are described
@@ -47,6 +48,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--cpu-hours", type=float, default=5.0, help="CPU budget of this invocation (default 5)")
     ap.add_argument("--stop-at", default=None, help="HH:MM UTC: start no job expected to end later; stop running "
                                                     "jobs then (they resume next time)")
+    ap.add_argument("--start-partial", action="store_true",
+                    help="with --stop-at: also start jobs that will be cut then (they resume from their last "
+                         "checkpoint next time)")
     ap.add_argument("--sizes", default=",".join(DEFAULT_SIZES),
                     help=f"presets in parameter order (default %(default)s; any of {', '.join(ALL_SIZES)})")
     ap.add_argument("--workers", type=int, default=2, help="jobs at a time, one torch thread each (default 2)")
@@ -67,7 +71,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             write_report(str(Path(args.out).resolve()), args.corpus, sizes, args.results, command=cmd)
         else:
             run_study(args.out, args.corpus, sizes=sizes, cpu_hours=args.cpu_hours, workers=args.workers,
-                      stop_at=_stop_at(args.stop_at), results=args.results, command=cmd)
+                      stop_at=_stop_at(args.stop_at), start_partial=args.start_partial, results=args.results,
+                      command=cmd)
     except (ConfigError, TSTError) as e:
         raise SystemExit(str(e)) from None
     return 0

@@ -265,7 +265,7 @@ def _child(job: Job, out: str, corpus: str, log: str) -> None:
     print(f"[crossover] job {job.key} done, process CPU {time.process_time() - t0:.0f} s", flush=True)
 
 
-# -- the scheduler -------------------------------------------------------------------------------------------------------
+# -- the scheduler --------------------------------------------------------------------------------------------------
 def seconds_per_step(out: str, size: str) -> float:
     """Measured median seconds per step of this size's finished runs in the study (branches left out: they start
     from a checkpoint), else the prior scaled by FLOPs per position."""
@@ -304,9 +304,18 @@ def check_corpus(out: str, corpus: str, sizes) -> dict:
 
 
 def run_study(out: str, corpus: str, *, sizes=DEFAULT_SIZES, cpu_hours: float = 5.0, workers: int = 2,
-              stop_at: Optional[float] = None, results: Optional[str] = None, command: str = "") -> dict:
-    """Run (or resume) the plan under the budget, two children at a time, then write the report."""
+              stop_at: Optional[float] = None, start_partial: bool = False, results: Optional[str] = None,
+              command: str = "") -> dict:
+    """Run (or resume) the plan under the budget, two children at a time, then write the report. start_partial:
+    start jobs that --stop-at will cut (they keep their checkpoints and resume next time). A SIGTERM (e.g. from
+    `timeout`) stops the running jobs the same way and records them in the ledger."""
     import multiprocessing as mp
+    import signal
+
+    def _term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _term)
 
     out = os.path.abspath(out)
     for d in ("runs", "logs"):
@@ -320,65 +329,58 @@ def run_study(out: str, corpus: str, *, sizes=DEFAULT_SIZES, cpu_hours: float = 
     failed: set[str] = set()
     ledger = os.path.join(out, "ledger.jsonl")
     stopped = False
-    while True:
-        for key, (p, job, t0, est) in list(running.items()):
-            if p.is_alive():
-                continue
-            p.join()
-            wall = time.time() - t0
-            spent += wall
-            del running[key]
-            if p.exitcode != 0:  # most likely a bug every later job shares: start nothing more
-                failed.add(key)
-                stopped = True
-                print(f"[crossover] {key} failed: no new jobs (fix it and rerun: the study resumes)", flush=True)
-            _append(ledger, {"job": key, "kind": job.kind, "size": job.size, "T": job.T, "seed": job.seed,
-                             "start_utc": _utc(t0), "wall_s": round(wall, 1), "estimate_s": round(est),
-                             "exitcode": p.exitcode, "command": command})
-            print(f"[crossover] {key}: {'done' if p.exitcode == 0 else 'FAILED, see logs'} in {wall:.0f} s "
-                  f"(estimated {est:.0f} s); spent {spent / 3600:.2f} of {cpu_hours:g} CPU-h", flush=True)
-        if stop_at and time.time() >= stop_at and running:
-            for key, (p, job, t0, est) in running.items():
-                print(f"[crossover] --stop-at reached: stopping {key} (it resumes next time)", flush=True)
-                p.terminate()
+    try:
+        while True:
             for key, (p, job, t0, est) in list(running.items()):
-                p.join(30)
                 if p.is_alive():
-                    p.kill()
-                    p.join()
+                    continue
+                p.join()
                 wall = time.time() - t0
                 spent += wall
+                del running[key]
+                if p.exitcode != 0:  # most likely a bug every later job shares: start nothing more
+                    failed.add(key)
+                    stopped = True
+                    print(f"[crossover] {key} failed: no new jobs (fix it and rerun: the study resumes)",
+                          flush=True)
                 _append(ledger, {"job": key, "kind": job.kind, "size": job.size, "T": job.T, "seed": job.seed,
                                  "start_utc": _utc(t0), "wall_s": round(wall, 1), "estimate_s": round(est),
-                                 "exitcode": "stopped", "command": command})
-            running.clear()
-            stopped = True
-            break
-        jobs, blocked = plan_jobs(out, corpus, sizes)
-        jobs = [j for j in jobs if j.key not in running and j.key not in failed]
-        while jobs and len(running) < workers and not stopped:
-            j = jobs[0]
-            est = j.steps * seconds_per_step(out, j.size)
-            committed = spent + sum(max(e, time.time() - t0) for _, _, t0, e in running.values())
-            if committed + est > budget or (stop_at and time.time() + est > stop_at):
-                why = "the CPU budget" if committed + est > budget else "--stop-at"
-                print(f"[crossover] next job {j.key} (~{est / 60:.0f} min) does not fit {why}: no new jobs",
-                      flush=True)
+                                 "exitcode": p.exitcode, "command": command})
+                print(f"[crossover] {key}: {'done' if p.exitcode == 0 else 'FAILED, see logs'} in {wall:.0f} s "
+                      f"(estimated {est:.0f} s); spent {spent / 3600:.2f} of {cpu_hours:g} CPU-h", flush=True)
+            if stop_at and time.time() >= stop_at and running:
+                print("[crossover] --stop-at reached: stopping the running jobs (they resume next time)", flush=True)
+                spent += _stop_running(running, ledger, command)
                 stopped = True
                 break
-            log = os.path.join(out, "logs", f"{j.key}.log")
-            p = ctx.Process(target=_child, args=(j, out, corpus, log), name=j.key)
-            p.start()
-            running[j.key] = (p, j, time.time(), est)
-            print(f"[crossover] start {j.key} ({j.kind}, phase {j.phase}, {j.steps} steps, ~{est / 60:.0f} min; "
-                  f"log {log})", flush=True)
-            jobs = jobs[1:]
-        if not running:
-            if not jobs and not stopped:
-                print("[crossover] nothing left to run" + (": " + "; ".join(blocked) if blocked else ""),
-                      flush=True)
-            break
-        time.sleep(5)
+            jobs, blocked = plan_jobs(out, corpus, sizes)
+            jobs = [j for j in jobs if j.key not in running and j.key not in failed]
+            while jobs and len(running) < workers and not stopped:
+                j = jobs[0]
+                est = j.steps * seconds_per_step(out, j.size)
+                committed = spent + sum(max(e, time.time() - t0) for _, _, t0, e in running.values())
+                if committed + est > budget or (stop_at and not start_partial and time.time() + est > stop_at):
+                    why = "the CPU budget" if committed + est > budget else "--stop-at"
+                    print(f"[crossover] next job {j.key} (~{est / 60:.0f} min) does not fit {why}: no new jobs",
+                          flush=True)
+                    stopped = True
+                    break
+                log = os.path.join(out, "logs", f"{j.key}.log")
+                p = ctx.Process(target=_child, args=(j, out, corpus, log), name=j.key)
+                p.start()
+                running[j.key] = (p, j, time.time(), est)
+                print(f"[crossover] start {j.key} ({j.kind}, phase {j.phase}, {j.steps} steps, "
+                      f"~{est / 60:.0f} min; log {log})", flush=True)
+                jobs = jobs[1:]
+            if not running:
+                if not jobs and not stopped:
+                    print("[crossover] nothing left to run" + (": " + "; ".join(blocked) if blocked else ""),
+                          flush=True)
+                break
+            time.sleep(5)
+    except KeyboardInterrupt as e:
+        print(f"[crossover] interrupted ({e}): stopping the running jobs (they resume next time)", flush=True)
+        spent += _stop_running(running, ledger, command)
     from pipeline.study.crossover_report import write_report
 
     return write_report(out, corpus, sizes, results or os.path.join(out, "results"), spent_s=spent,
@@ -430,6 +432,27 @@ def compare_cell(out: str, corpus: str, size: str, seed: int, T: int, variant: s
     with open(cache, "w") as f:
         json.dump(row, f, indent=1)
     return row
+
+
+def _stop_running(running: dict, ledger: str, command: str) -> float:
+    """Terminate the running children (a run stopped mid-way resumes from its last checkpoint next time), record
+    them in the ledger as stopped; returns their seconds."""
+    total = 0.0
+    for key, (p, job, t0, est) in running.items():
+        p.terminate()
+    for key, (p, job, t0, est) in list(running.items()):
+        p.join(30)
+        if p.is_alive():
+            p.kill()
+            p.join()
+        wall = time.time() - t0
+        total += wall
+        _append(ledger, {"job": key, "kind": job.kind, "size": job.size, "T": job.T, "seed": job.seed,
+                         "start_utc": _utc(t0), "wall_s": round(wall, 1), "estimate_s": round(est),
+                         "exitcode": "stopped", "command": command})
+        print(f"[crossover] stopped {key} after {wall:.0f} s", flush=True)
+    running.clear()
+    return total
 
 
 def _append(path: str, rec: dict) -> None:
