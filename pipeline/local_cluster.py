@@ -37,6 +37,7 @@ from typing import Optional
 import yaml
 
 from pipeline.config import ConfigError
+from pipeline.ray_env import free_ports
 
 BIN = os.path.dirname(sys.executable)
 
@@ -75,17 +76,6 @@ def local_node_types(cluster_yaml: str, max_nodes: int = 2, cpus: float = 1.0,
         if t.get("labels"):
             workers[name]["labels"] = dict(t["labels"])
     return head, workers
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def session_pids(sid: int) -> list[int]:

@@ -80,13 +80,21 @@ def console_defaults() -> None:
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 
-def free_port() -> int:
-    s = socket.socket()
+def free_ports(n: int = 1) -> list[int]:
+    """`n` distinct loopback ports free right now: all are bound at once (so none repeats), then released for the
+    caller (a local Ray's dashboard, the local autoscaling cluster's servers, the tests' servers)."""
+    socks = [socket.socket() for _ in range(n)]
     try:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
     finally:
-        s.close()
+        for s in socks:
+            s.close()
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
 
 
 _SET_BY_US: dict[str, str] = {}

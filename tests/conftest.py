@@ -25,7 +25,7 @@ def ray_session():
     if not ray.is_initialized():
         # The dashboard serves the state API that Ray Train's placement-group cleaner polls; without it the
         # cleaner can mistake a live controller for a dead one and remove a running trial's placement group.
-        from netutil import free_ports
+        from pipeline.ray_env import free_ports
 
         (port,) = free_ports(1)
         ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",

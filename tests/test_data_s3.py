@@ -15,7 +15,7 @@ from pipeline.config import Config, apply_overrides
 from pipeline.data.corpus import builtin_documents
 from pipeline.data import build_source, iter_documents, list_files
 from pipeline.errors import DataError
-from netutil import free_ports
+from pipeline.ray_env import free_ports
 
 boto3 = pytest.importorskip("boto3")
 

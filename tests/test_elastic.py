@@ -49,7 +49,8 @@ import tempfile
 import pytest
 
 from pipeline.config import Config, apply_overrides
-from netutil import free_ports
+from pipeline.local_cluster import session_pids
+from pipeline.ray_env import free_ports
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 T = 40
@@ -68,20 +69,6 @@ OVERRIDES = [
     # the fake nodes share this machine's disk; a real multi-node cluster puts the store on s3:// or gs://
     "data.store_shared=true",
 ]
-
-
-def _session_pids(sid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                if int(fields[3]) == sid:  # field 6 of stat: session id
-                    pids.append(int(entry))
-            except (OSError, ValueError, IndexError):
-                continue
-    return pids
 
 
 def _raw_tokens(step: int) -> int:
@@ -115,7 +102,7 @@ def elastic_run(tmp_path_factory):
             pass
         finally:
             # the driver shuts its cluster down; whatever is left in its session (raylets, workers) is killed here
-            for pid in _session_pids(proc.pid):
+            for pid in session_pids(proc.pid):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:

@@ -30,7 +30,7 @@ ray = pytest.importorskip("ray")
 from ray import tune  # noqa: E402
 
 from pipeline.config import Config, ConfigError, apply_overrides  # noqa: E402
-from netutil import free_ports  # noqa: E402
+from pipeline.ray_env import free_ports  # noqa: E402
 
 TINY = [
     "model.preset=tiny", "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
