@@ -1,9 +1,11 @@
 """The crossover study's plan, jobs, comparisons and report (pipeline/study/crossover.py), on a toy model: the
 plan's dependencies (TST and the ladder wait for the lr search), every job kind trained in-process, the ladder's
-T-length decay branch bit-identical to the lr-search run it repeats, the comparison rows and the report files."""
+T-length decay branch bit-identical to the lr-search run it repeats, the comparison rows and the report files,
+and resuming in a fresh checkout from the committed archive of finished runs alone."""
 
 import csv
 import os
+import shutil
 
 from pipeline.study import crossover as X
 from pipeline.study import crossover_report as R
@@ -50,3 +52,23 @@ def test_crossover_plan_jobs_and_report(tmp_path, monkeypatch):
         rows = list(csv.DictReader(f))
     assert [r["variant"] for r in rows] == ["paper", "best"] and rep["pending"] == []
     assert os.path.exists(res / "crossover.png") and "own best" in (res / "crossover.md").read_text()
+
+    # a later session's fresh checkout keeps only the committed archive (outputs/ is not committed)
+    names = sorted(os.listdir(os.path.join(out, "runs")))
+    assert X.archive_runs(out, str(res), names) == len(names)
+    assert not any(os.path.exists(res / "runs" / n / "checkpoints") for n in names)
+    fresh = str(tmp_path / "fresh")
+    assert X.restore_runs(fresh, str(res)) == len(names) and X.restore_runs(fresh, str(res)) == 0
+    assert X.plan_jobs(fresh, corpus, ("tiny",))[0] == []  # nothing is trained again
+    again = X.compare_cell(fresh, corpus, "tiny", 0, 40, "paper")
+    assert {k: again[k] for k in ("diff_nats", "speedup_steps", "tst_loss")} == \
+        {k: paper[k] for k in ("diff_nats", "speedup_steps", "tst_loss")}
+    # a branch lost: the restored longest baseline has no checkpoints, so the ladder job trains it again (the
+    # same run, bit for bit) before the branch
+    short = f"tiny-seed0-lr{lr:g}-base-T20"
+    want = X.finished(fresh, short, 20)["final_val_loss"]
+    shutil.rmtree(os.path.join(fresh, "runs", short))
+    jobs, _ = X.plan_jobs(fresh, corpus, ("tiny",))
+    assert [j.kind for j in jobs] == ["ladder"] and X._needs_retrain(fresh, jobs[0].plan)
+    X.run_job(jobs[0], fresh, corpus)
+    assert X.finished(fresh, short, 20)["final_val_loss"] == want

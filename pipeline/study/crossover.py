@@ -231,6 +231,71 @@ def _fresh_unless_checkpointed(out: str, name: str) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
+# -- the archive: finished runs kept in the repository ---------------------------------------------------------------
+ARCHIVED = ("config.yaml", "metrics.jsonl", "summary.json", "BRANCH.json")  # everything a comparison reads
+
+
+def job_runs(job: Job) -> list[str]:
+    """The run folders a job produces (a ladder: every baseline of its cell)."""
+    return [job.key] if job.kind == "run" else [b["name"] for b in job.plan["baselines"]]
+
+
+def archive_runs(out: str, results: str, names) -> int:
+    """Copy the small files of finished runs (no checkpoints) to <results>/runs/<name>/. Why: the study spans
+    sessions whose checkouts keep only what is committed (outputs/ is not), so the results folder, committed, is
+    what a later session resumes from; a comparison needs only these files. Returns the number archived."""
+    n = 0
+    for name in names:
+        src = os.path.join(out, "runs", name)
+        sm = _summary(src)
+        if sm is None or sm.get("status") != "finished":
+            continue
+        dst = os.path.join(results, "runs", name)
+        os.makedirs(dst, exist_ok=True)
+        for f in ARCHIVED:
+            if os.path.exists(os.path.join(src, f)):
+                shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
+        n += 1
+    return n
+
+
+def restore_runs(out: str, results: str) -> int:
+    """Put archived finished runs back under <out>/runs/ where the run folder is missing or unfinished (a fresh
+    checkout); they then count as finished for the plan, the comparisons and the report. Returns how many."""
+    root = os.path.join(results, "runs")
+    n = 0
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        sm = _summary(os.path.join(root, name))
+        if sm is None or finished(out, name, sm.get("step")) is not None:
+            continue
+        dst = os.path.join(out, "runs", name)
+        os.makedirs(dst, exist_ok=True)
+        for f in ARCHIVED:
+            if os.path.exists(os.path.join(root, name, f)):
+                shutil.copyfile(os.path.join(root, name, f), os.path.join(dst, f))
+        n += 1
+    return n
+
+
+def _summary(run_dir: str) -> Optional[dict]:
+    try:
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _needs_retrain(out: str, plan: dict) -> bool:
+    """A ladder's longest run restored from the archive has no checkpoints: its unfinished branches cannot start
+    from it, so it is trained again (deterministic: the same run)."""
+    from pipeline.study.branches import checkpoints_of
+
+    longest = plan["baselines"][-1]
+    have = checkpoints_of(os.path.join(out, "runs", longest["name"]))
+    return any(finished(out, b["name"], b["steps"]) is None and b["branch_step"] not in have
+               for b in plan["baselines"][:-1] if b["branch_from"])
+
+
 def run_job(job: Job, out: str, corpus: str) -> None:
     """Train one job in this process: a single run (resumed from its checkpoint if interrupted), or a ladder (the
     longest baseline, resumed likewise, then its decay branches through `train_baselines`)."""
@@ -246,6 +311,8 @@ def run_job(job: Job, out: str, corpus: str) -> None:
         train_in_process(c, job.key, console=True)
         return
     longest = job.plan["baselines"][-1]
+    if finished(out, longest["name"], longest["steps"]) is not None and _needs_retrain(out, job.plan):
+        shutil.rmtree(os.path.join(out, "runs", longest["name"]), ignore_errors=True)
     if finished(out, longest["name"], longest["steps"]) is None:
         _fresh_unless_checkpointed(out, longest["name"])
         c = run_config(cfg, steps=longest["steps"], bag_size=1, switch_fraction=0.0, name=longest["name"],
@@ -324,11 +391,15 @@ def run_study(out: str, corpus: str, *, sizes=DEFAULT_SIZES, cpu_hours: float = 
     info = check_corpus(out, corpus, sizes)
     print(f"[crossover] corpus {info['train_tokens']:,} train tokens; the longest run reads "
           f"{info['max_epochs_needed']:.2f} epoch", flush=True)
+    results = results or os.path.join(out, "results")
+    restored = restore_runs(out, results)
+    if restored:
+        print(f"[crossover] {restored} finished runs restored from {results}/runs", flush=True)
     budget, spent = cpu_hours * 3600.0, 0.0
     ctx = mp.get_context("spawn")
     running: dict[str, tuple] = {}  # key -> (process, job, t0, estimate)
     failed: set[str] = set()
-    ledger = os.path.join(out, "ledger.jsonl")
+    ledger = os.path.join(results, "ledger.jsonl")  # with the archive: the CPU time of every session
     stopped = False
     try:
         while True:
@@ -339,7 +410,9 @@ def run_study(out: str, corpus: str, *, sizes=DEFAULT_SIZES, cpu_hours: float = 
                 wall = time.time() - t0
                 spent += wall
                 del running[key]
-                if p.exitcode != 0:  # most likely a bug every later job shares: start nothing more
+                if p.exitcode == 0:
+                    archive_runs(out, results, job_runs(job))
+                else:  # most likely a bug every later job shares: start nothing more
                     failed.add(key)
                     stopped = True
                     print(f"[crossover] {key} failed: no new jobs (fix it and rerun: the study resumes)",
@@ -384,8 +457,7 @@ def run_study(out: str, corpus: str, *, sizes=DEFAULT_SIZES, cpu_hours: float = 
         spent += _stop_running(running, ledger, command)
     from pipeline.study.crossover_report import write_report
 
-    return write_report(out, corpus, sizes, results or os.path.join(out, "results"), spent_s=spent,
-                        command=command)
+    return write_report(out, corpus, sizes, results, spent_s=spent, command=command)
 
 
 def compare_cell(out: str, corpus: str, size: str, seed: int, T: int, variant: str) -> Optional[dict]:

@@ -48,8 +48,8 @@ def _loss(out, name, steps):
     return None if s is None else s["final_val_loss"]
 
 
-def _ledger(out: str) -> tuple[float, list[dict]]:
-    p = os.path.join(out, "ledger.jsonl")
+def _ledger(res_dir: str) -> tuple[float, list[dict]]:
+    p = os.path.join(res_dir, "ledger.jsonl")
     recs = []
     if os.path.exists(p):
         with open(p) as f:
@@ -59,13 +59,14 @@ def _ledger(out: str) -> tuple[float, list[dict]]:
 
 def write_report(out: str, corpus: str, sizes, res_dir: str, *, spent_s: float = 0.0, command: str = "") -> dict:
     os.makedirs(res_dir, exist_ok=True)
+    X.restore_runs(out, res_dir)  # a fresh checkout: the committed archive of finished runs
     rows = _rows(out, corpus, sizes)
     with open(os.path.join(res_dir, "crossover.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_KEYS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow(r)
-    total_s, recs = _ledger(out)
+    total_s, recs = _ledger(res_dir)
     L = [f"# Crossover map: results on disk ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
          f"Written by `pipeline.study.crossover_report` from `{out}`; command: `{command}`.", "",
          f"CPU time in the ledger (one-thread jobs, wall-clock seconds): {total_s / 3600:.2f} h over "
