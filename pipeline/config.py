@@ -97,7 +97,9 @@ class DataConfig:
     store_shared: bool = False  # a local-path store on a filesystem every node mounts (NFS, Lustre, ...)
     shard_tokens: int = 1 << 22  # tokens per shard (4M = 8 MB as uint16): a streaming run starts after one; in the id
     verify_checksums: bool = True  # sha256 of each local shard at its first read in a process
-    writer_timeout_s: float = 120.0  # a store writer silent this long is dead: readers fail, preparers take over
+    # a store writer silent this long is dead: preparers and a reading run's driver take its work over; readers
+    # fail after twice this
+    writer_timeout_s: float = 120.0
     read_block_mb: float = 1.0  # object stores: ranged-read block size (read-ahead per lane; 2 blocks kept per row)
     # What a batch is (pipeline/data/lanes.py): "lanes" (row b of every step reads lane b of the shuffled epoch)
     # or "stream" (B consecutive windows in stream order; with shuffle=false it trains behind a store being written)

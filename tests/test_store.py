@@ -144,6 +144,44 @@ def test_killed_prepare_resumes_to_identical_bytes(corpus, tmp_path):
     assert list(fr) == list(fa) and all(fr[k] == fa[k] for k in fr)
 
 
+def test_a_run_reading_behind_a_killed_writer_takes_its_prepare_over(corpus, tmp_path):
+    """A run trains behind a `tst data prepare` of another process (stream layout), and that process is SIGKILLed:
+    the run's driver takes the stale lease over and finishes the prepare, so reads past the frontier wait instead
+    of failing, and the windows and the store's bytes are those of an undisturbed prepare (issue 15)."""
+    ov = _overrides(corpus, tmp_path)
+    kv = {**ov, "data.seq_len": 8, "data.bag_size": 3, "train.steps": 60, "train.switch_fraction": 0.5,
+          "train.global_batch_size": 4, "data.batch_layout": "stream", "data.shuffle": False,
+          "data.writer_timeout_s": 1.0}
+    cfg = apply_overrides(Config(), kv)
+    tok = load_tokenizer(cfg.data, str(tmp_path))
+    storage, _, _ = plan_store(cfg.data, tok, str(tmp_path))
+    p = _prepare_proc(ov, {"TST_PREPARE_THROTTLE_S": "0.5"})
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            prog = storage.read_json("progress.json")
+            if prog and len(prog["streams"]["train"]["shards"]) >= 2:
+                break
+            time.sleep(0.05)
+        src = build_source(cfg, str(tmp_path), "local", tokenizer=tok, wait="first")
+        assert not src.store.complete and not src._prepare[0].prepared_here  # reading behind the other writer
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    frontier = src.store.tokens("train")
+    windows = [src.step_windows(t) for t in range(cfg.train.steps)]  # reads past the frontier: waits, then goes on
+    assert src.plan.tokens_needed() > frontier
+    src._prepare[0].thread.join(60)  # the prepare taken over goes on to the end
+    assert src._prepare[0].prepared_here and src._prepare[0].error is None
+    assert storage.read_json("index.json") is not None
+    src.close()
+    fresh_cfg = apply_overrides(Config(), {**kv, "run.output_dir": str(tmp_path / "fresh")})
+    fresh = build_source(fresh_cfg, str(tmp_path / "fresh"), "local", tokenizer=tok)
+    fr, fa = store_files(fresh.uri), store_files(src.uri)
+    assert list(fr) == list(fa) and all(fr[k] == fa[k] for k in fr)
+    assert all(torch.equal(a, fresh.step_windows(t)) for t, a in enumerate(windows))
+
+
 def test_truncated_or_corrupted_shard_is_a_one_line_error(corpus, tmp_path):
     cfg = make_cfg(corpus, tmp_path)
     src = build_source(cfg, str(tmp_path), "local")

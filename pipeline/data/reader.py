@@ -9,7 +9,9 @@ sequential steps cost one request per block, not per window. A background thread
 maps), never with the number of documents.
 
 While a store is still being written, a read past its committed frontier waits for the writer's next commit;
-a writer whose heartbeat stops for `data.writer_timeout_s` is an error, never an endless wait.
+a writer whose heartbeat stops is an error, never an endless wait: after twice `data.writer_timeout_s`, since a
+run's driver takes a dead writer's lease over after `data.writer_timeout_s` and resumes the prepare
+(pipeline/data/source.py), and the readers must not give up before that.
 
 The stream (docs/interfaces.md): the train documents with EOS, in corpus order, repeated for later epochs
 (stream[i] = tokens[i % n]); with `data.doc_boundary = "mask"` every window comes with the ordinal of each token's
@@ -112,6 +114,7 @@ class TokenStore:
         """Block until `end` tokens of `stream` are committed or the store is complete (streaming reads)."""
         last_progress = time.time()
         seen = self.tokens(stream)
+        no_writer = 0  # consecutive polls that saw neither a lease nor an index (a takeover swaps the lease file)
         while not self.complete and self.tokens(stream) < end:
             time.sleep(0.2)
             if self.refresh() or self.tokens(stream) >= end:
@@ -123,11 +126,12 @@ class TokenStore:
             if self.refresh():
                 return
             stalled = time.time() - max(beat, last_progress)
-            if holder is None and self.storage.read_json(S.INDEX) is None:
+            no_writer = no_writer + 1 if holder is None and self.storage.read_json(S.INDEX) is None else 0
+            if no_writer >= 10:
                 raise DataError(f"the token store {self.uri} is incomplete and no prepare is writing it (it stopped at "
                                 f"{self.tokens(stream):,} {stream} tokens); run `tst data prepare` with the run's config "
                                 f"(it resumes from the committed shards), then train again")
-            if stalled > self.writer_timeout_s:
+            if stalled > 2 * self.writer_timeout_s:
                 raise DataError(f"the writer of token store {self.uri} stopped: no heartbeat for {stalled:.0f}s "
                                 f"(data.writer_timeout_s={self.writer_timeout_s:g}); rerun `tst data prepare` to resume it")
 

@@ -4,7 +4,11 @@
 fails here, in a second, before anything slow), computes the store id, and then: reuses a complete store; else
 takes the preparer's lock and prepares it (resuming from committed shards); else waits for whoever holds the
 lock. With `wait="first"` (what `tst train` does) the prepare runs in a background thread of the driver and
-training starts as soon as the first shard is committed, reading behind the writer.
+training starts as soon as the first shard is committed, reading behind the writer. When another process is the
+writer (a `tst data prepare`, another run), the run reads behind its frontier and a thread of the driver watches
+the preparer's lease: if the writer dies (its heartbeat older than `data.writer_timeout_s`), the driver takes the
+lease over and resumes the prepare from the committed shards, so the readers only wait (they give up after
+twice that timeout, `pipeline/data/reader.py`).
 """
 
 from __future__ import annotations
@@ -72,8 +76,6 @@ def plan_store(data_cfg, tok, output_dir: str):
 def ensure_store(data_cfg, tok, output_dir: str = "outputs", mode: str = "local", wait: str = "complete",
                  console: bool = False) -> Prepared:
     """The store for (source, tokenizer, split settings), prepared if needed (see the module docstring)."""
-    from pipeline.data.prepare import run_prepare
-
     if mode not in ("local", "ray"):
         raise DataError(f"data prepare mode {mode!r} is not 'local' or 'ray'")
     storage, key, passes = plan_store(data_cfg, tok, output_dir)
@@ -92,7 +94,11 @@ def ensure_store(data_cfg, tok, output_dir: str = "outputs", mode: str = "local"
             break
         progress = storage.read_json(S.PROGRESS)
         if wait == "first" and progress and progress["streams"]["train"]["shards"]:
-            return prep  # someone else is writing it: read behind their frontier
+            # someone else is writing it: read behind their frontier, and take over if that writer dies
+            prep.thread = threading.Thread(target=_take_over_if_writer_dies, name="tst-data-takeover", daemon=True,
+                                           args=(prep, storage, key, data_cfg, tok, passes, mode, lock, console))
+            prep.thread.start()
+            return prep
         if not waiting_said:
             h = lock.holder() or {}
             msg = (f"data: waiting for the prepare of {storage.uri()} by {h.get('host', '?')} pid {h.get('pid', '?')} "
@@ -106,18 +112,9 @@ def ensure_store(data_cfg, tok, output_dir: str = "outputs", mode: str = "local"
     prep.prepared_here, prep.lock = True, lock
     if console:
         print(f"[tst] data: tokenizing {data_cfg.source} once into the token store {storage.uri()} ({mode})", flush=True)
-    t0 = time.perf_counter()
 
     def work():
-        try:
-            run_prepare(storage, key, data_cfg, tok, passes, mode, stop_event=prep.stop)
-        except BaseException as e:  # noqa: BLE001 - handed to the caller (join) and logged
-            prep.error = e
-            if wait == "first":
-                log.error("data: the prepare of %s failed: %s", storage.uri(), e)
-        finally:
-            prep.seconds = time.perf_counter() - t0
-            lock.release()
+        _prepare_holding(prep, storage, key, data_cfg, tok, passes, mode, lock, log_errors=wait == "first")
 
     if wait == "complete":
         work()
@@ -134,6 +131,50 @@ def ensure_store(data_cfg, tok, output_dir: str = "outputs", mode: str = "local"
     if prep.error is not None:
         raise prep.error
     return prep
+
+
+def _prepare_holding(prep: Prepared, storage, key, data_cfg, tok, passes, mode: str, lock: S.PrepareLock,
+                     log_errors: bool) -> None:
+    """Run the prepare while holding `lock` (resuming after its committed shards); errors go to `prep.error`."""
+    from pipeline.data.prepare import run_prepare
+
+    t0 = time.perf_counter()
+    try:
+        run_prepare(storage, key, data_cfg, tok, passes, mode, stop_event=prep.stop)
+    except BaseException as e:  # noqa: BLE001 - handed to the caller (join) and logged
+        prep.error = e
+        if log_errors:
+            log.error("data: the prepare of %s failed: %s", storage.uri(), e)
+    finally:
+        prep.seconds = time.perf_counter() - t0
+        lock.release()
+
+
+def _take_over_if_writer_dies(prep: Prepared, storage, key, data_cfg, tok, passes, mode: str, lock: S.PrepareLock,
+                              console: bool) -> None:
+    """While another process writes the store this run reads behind: once its lease is stale (the writer was
+    killed, its node lost), take the lease and finish the prepare here, from the committed shards. Ends when the
+    store is complete or the run closes its source (`prep.stop`)."""
+    while not prep.stop.is_set():
+        if storage.read_json(S.INDEX) is not None:
+            return
+        holder = lock.holder()
+        if lock.try_acquire():
+            if storage.read_json(S.INDEX) is not None:  # the writer finished between our two reads
+                lock.release()
+                return
+            h = holder or {}
+            age = time.time() - float(h.get("heartbeat", 0)) if holder else None
+            msg = (f"data: the prepare of {storage.uri()} by {h.get('host', '?')} pid {h.get('pid', '?')} stopped"
+                   + (f" (no heartbeat for {age:.0f}s)" if age is not None else "")
+                   + "; resuming it here from its committed shards")
+            log.warning(msg)
+            if console:
+                print(f"[tst] {msg[6:]}", flush=True)
+            prep.prepared_here, prep.lock = True, lock
+            _prepare_holding(prep, storage, key, data_cfg, tok, passes, mode, lock, log_errors=True)
+            return
+        prep.stop.wait(0.5)
 
 
 def check_corpus(stats: dict, n_tokens: int, plan: StreamPlan, source: str) -> None:
