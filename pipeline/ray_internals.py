@@ -94,6 +94,47 @@ def coordinator_tick_hook() -> None:
         pass
 
 
+def train_requester_id(trainer) -> "str | None":
+    """The id under which a TorchTrainer's controller will reserve its workers' resources in Ray Data's
+    AutoscalingCoordinator (elastic scaling): "train-" + its TrainRunContext's run_id, which the driver creates in
+    the trainer's constructor. Relies on (Ray 2.60.0) `DataParallelTrainer.train_run_context.run_id` and the
+    format in `ray/train/v2/_internal/execution/scaling_policy/scaling_policy.py` (`after_controller_start`).
+    None if Ray moves them: then nothing is released (see `cancel_autoscaling_requests`)."""
+    try:
+        return f"train-{trainer.train_run_context.run_id}"
+    except AttributeError:
+        return None
+
+
+def cancel_autoscaling_requests(requester_ids) -> int:
+    """Cancel resource reservations in Ray Data's AutoscalingCoordinator, the detached actor every job of a cluster
+    shares (name and namespace "AutoscalingCoordinator"), through its `cancel_request(requester_id)` (what a Ray
+    Train controller calls when it ends normally; a no-op for an unknown id). Returns how many calls went through.
+
+    Why: a controller killed with its driver (SIGKILL, a lost head process) never cancels, and its reservation of
+    every train node lives for Ray Train's AUTOSCALING_REQUESTS_EXPIRE_TIME_S (180 s in Ray 2.60); an elastic run
+    resumed meanwhile is told "ready resources for 0 workers" and waits it out. If Ray moves the actor or the
+    method, nothing is cancelled and a resume after a driver kill waits those 180 s again (bench/chaos.py
+    --combined measures it)."""
+    ids = [r for r in requester_ids if r]
+    if not ids:
+        return 0
+    try:
+        import ray
+
+        coord = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+    except Exception:  # noqa: BLE001 - no coordinator on this cluster: nothing reserved
+        return 0
+    n = 0
+    for rid in ids:
+        try:
+            ray.get(coord.cancel_request.remote(requester_id=rid), timeout=10)
+            n += 1
+        except Exception:  # noqa: BLE001
+            pass
+    return n
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The local autoscaling cluster (pipeline/local_cluster.py): Ray's autoscaler over its fake multi-node provider
 # ---------------------------------------------------------------------------------------------------------------

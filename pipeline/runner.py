@@ -323,6 +323,9 @@ def _fit_ray(cfg, paths, source, tok, tracker, console, extra_callbacks, stop_fl
         run_dir=paths.run_dir, storage_path=paths.storage_path,
         tracking_uri=tracker.uri if tracker else None, mlflow_run_id=tracker.run_id if tracker else None,
         extra_callbacks=extra_callbacks, console=console, stop_flag=stop_flag)
+    from pipeline.train.ray_train import release_earlier_reservations
+
+    release_earlier_reservations(paths.run_dir, trainer)
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors; surface the root cause in one line

@@ -260,6 +260,33 @@ def build_trainer(cfg, *, source, vocab_size: int, tokenizer_json: Optional[str]
     )
 
 
+RESERVATIONS_FILE = "ray_train_reservations.txt"  # in the run folder: one controller's requester id a line
+
+
+def release_earlier_reservations(run_dir: str, trainer) -> int:
+    """Before a run's (re)start: cancel the worker reservations that its earlier Ray Train controllers left in the
+    cluster's AutoscalingCoordinator, then record this controller's id in the run folder.
+
+    An elastic run's controller reserves its workers' resources there; a driver SIGKILLed with its controller
+    never cancels, and for 180 s (Ray's expiry) the resumed run saw no free train node and waited (found by
+    bench/chaos.py --combined: `tst train --resume` after a driver kill on a 3-node cluster sat at "ready
+    resources for 0 workers"). A run has one driver, so no earlier controller of this run folder is alive when a
+    new one starts. Returns how many reservations were cancelled."""
+    from pipeline.ray_internals import cancel_autoscaling_requests, train_requester_id
+
+    path = os.path.join(run_dir, RESERVATIONS_FILE)
+    try:
+        with open(path) as f:
+            earlier = [ln.strip() for ln in f if ln.strip()]
+    except OSError:
+        earlier = []
+    n = cancel_autoscaling_requests(earlier)
+    mine = train_requester_id(trainer)
+    with open(path, "w") as f:  # the earlier ones are gone (cancelled, or expired with their cluster)
+        f.write(f"{mine}\n" if mine else "")
+    return n
+
+
 def ensure_ray(cfg) -> None:
     """Connect to the cluster in $RAY_ADDRESS, or start a local Ray sized for this machine.
 
