@@ -314,14 +314,19 @@ class MlflowServer:
     """`mlflow server` on 127.0.0.1 over a SQLite file, as cluster.yaml runs it on the head (artifacts proxied to a
     local folder here, to S3 there)."""
 
-    def __init__(self, db_path: str, artifacts: str):
-        """Starts the server; `wait()` for it (other things can start meanwhile)."""
-        (self.port,) = free_ports(1)
+    def __init__(self, db_path: str, artifacts: str, port: Optional[int] = None):
+        """Starts the server (on `port`, e.g. a killed server's, or a free one); `wait()` for it (other things can
+        start meanwhile)."""
+        self.port = port or free_ports(1)[0]
         self.url = f"http://127.0.0.1:{self.port}"
+        # tst logs runs, params, metrics and artifacts only: MLflow 3's job runner (a huey consumer pool, seven more
+        # processes) is not needed, and starting it took a minute of a restart on 2 loaded cores
+        env = dict(os.environ)
+        env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
         self.proc = subprocess.Popen(
             [os.path.join(BIN, "mlflow"), "server", "--backend-store-uri", f"sqlite:///{db_path}", "--host",
              "127.0.0.1", "--port", str(self.port), "--workers", "1", "--artifacts-destination", artifacts],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
     def wait(self, timeout_s: float = 120) -> "MlflowServer":
         deadline = time.time() + timeout_s
@@ -335,6 +340,11 @@ class MlflowServer:
                     raise RuntimeError("mlflow server did not start")
                 time.sleep(0.5)
         return self
+
+    def kill(self) -> None:
+        """SIGKILL the server and its workers at once (a lost tracking host)."""
+        _kill(session_pids(self.proc.pid))
+        self.proc.wait(10)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -368,6 +368,7 @@ class Trainer:
             s = self.bag_size_at(step)
             _maybe_record_digests(step, windows, self.first_row)
             _maybe_inject_failure(step, self.rank)
+            _maybe_pace()
             loss, gnorm = self.train_step(step, windows, stop_vote=self._stop_vote())
             if self.moe_step is not None:
                 self._moe_interval.append(self.moe_step)
@@ -481,7 +482,8 @@ def moe_metrics(steps: list[dict]) -> dict:
 def _maybe_record_digests(step: int, windows, first_row: int) -> None:
     """Data drills and tests: with TST_WINDOW_DIGESTS=DIR every rank appends, per step, a digest of each window it
     is about to train on, keyed by the window's row in the global batch, so runs with different worker counts,
-    kills and resumes can be compared window for window."""
+    kills and resumes can be compared window for window; `t` (wall time) and the file's pid tell a fault drill
+    which process trained a step when (bench/chaos.py)."""
     folder = os.environ.get("TST_WINDOW_DIGESTS")
     if not folder:
         return
@@ -491,7 +493,7 @@ def _maybe_record_digests(step: int, windows, first_row: int) -> None:
     rows = {first_row + i: hashlib.sha1(w[i].to(torch.int64).numpy().tobytes()).hexdigest()[:16] for i in range(w.shape[0])}
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, f"digests-{os.getpid()}.jsonl"), "a") as f:
-        f.write(json.dumps({"step": step, "rows": rows}) + "\n")
+        f.write(json.dumps({"step": step, "rows": rows, "t": round(time.time(), 3)}) + "\n")
 
 
 def read_digests(folder: str) -> dict[int, dict[int, str]]:
@@ -506,6 +508,22 @@ def read_digests(folder: str) -> dict[int, dict[int, str]]:
                 for k, v in rec["rows"].items():
                     rows[int(k)] = v if rows.get(int(k), v) == v else "conflict"
     return out
+
+
+def _maybe_pace() -> None:
+    """Fault drills: with TST_STEP_PACE_FILE=PATH every rank sleeps, before each step, the seconds written in PATH
+    (absent or empty: no sleep). A drill slows the run while it waits for Ray to grow an elastic group back, so
+    the run is still going when it does; timing only, never the data or the math (bench/chaos.py)."""
+    path = os.environ.get("TST_STEP_PACE_FILE")
+    if not path:
+        return
+    try:
+        with open(path) as f:
+            pace = float(f.read() or 0)
+    except (OSError, ValueError):
+        return
+    if pace > 0:
+        time.sleep(pace)
 
 
 def _maybe_inject_failure(step: int, rank: int) -> None:
