@@ -1,7 +1,16 @@
 #!/usr/bin/env python
-"""Faults on the default path, one at a time, against an uninterrupted run (issue 15).
+"""Faults on the default path against an uninterrupted run (issue 15): all in one run, or one at a time.
 
-    python bench/chaos.py --seeds 0,1,2 --out outputs/chaos     # ~15-25 min per seed on 2 busy cores
+    python bench/chaos.py --combined --seeds 0,1,2 --out outputs/chaos-combined   # every fault kind in one run
+    python bench/chaos.py --seeds 0,1,2 --out outputs/chaos     # one case per fault; ~15-25 min per seed
+
+--combined: one elastic `tst train` with 3 workers on a local multi-node `ray.cluster_utils.Cluster`, a real
+`mlflow server` and a token store still being prepared, into which a seeded schedule injects every fault kind
+in turn (pipeline/study/chaos.py says which and how it measures them); an uninterrupted 3-worker run on the same
+kind of cluster (trained once, by the first seed's cluster) is the reference. Prints one row per fault and the
+run's totals, and writes <out>/combined.json.
+
+Without --combined (the earlier bench, kept as history):
 
 Every case is a real `tst train` (a subprocess, so the driver can be signalled): the tiny test model, 2 Ray Train
 workers on a local Ray, the token store, checkpoints every 5 steps, TST_WINDOW_DIGESTS on. A seed picks each
@@ -18,8 +27,7 @@ or repeated (from the digests of the windows the workers actually consumed, agai
 whether every loss and the final weights are bit-identical to the uninterrupted run (same worker count), MLflow
 runs left RUNNING, and staging folders left in <tmp>/tst-staging.
 
-Not covered here (see docs/results.md): node removal and re-addition on a multi-node cluster (tests/test_elastic.py
-does it), and faults combined in one run.
+Node removal and re-addition, and faults combined in one run: --combined.
 """
 
 from __future__ import annotations
@@ -271,13 +279,50 @@ def reference(out):
     return {"losses": {r["step"]: r["train_loss"] for r in recs}, "windows": windows(dg), "weights": sd}
 
 
+def combined(seeds, out):
+    from pipeline.study import chaos
+
+    results_path = os.path.join(out, "combined.json")
+    done = json.load(open(results_path)) if os.path.exists(results_path) else {}  # resumes where it stopped
+    ref_out = None
+    for seed in seeds:
+        sub = os.path.join(out, f"seed{seed}")
+        if str(seed) not in done:
+            first = ref_out is None and not os.path.exists(os.path.join(out, "reference.json"))
+            t0 = time.time()
+            res = chaos.run_combined(seed, sub, reference="cluster" if first else "none")
+            if first and "error" not in res:
+                json.dump({"out": sub}, open(os.path.join(out, "reference.json"), "w"))
+            ref_dir = json.load(open(os.path.join(out, "reference.json")))["out"] if os.path.exists(
+                os.path.join(out, "reference.json")) else None
+            a = {"error": res.get("error")}
+            if ref_dir and res.get("records"):
+                losses, windows, weights = chaos.cluster_reference(ref_dir)
+                a = chaos.analyse(res, losses, windows, weights, bitwise=True)
+            a["summary"] = {**a.get("summary", {}), "error": res.get("error"), "wall_s": round(time.time() - t0),
+                            "processes_left": res.get("processes_left"), "tmp_left": res.get("tmp_left"),
+                            "staging_left": res.get("staging_left"), "mlflow": res.get("mlflow"),
+                            "reference_s": res.get("reference_s"), "driver_exit": res.get("driver_exit")}
+            done[str(seed)] = a
+            json.dump(done, open(results_path, "w"), indent=1)
+        a = done[str(seed)]
+        print(json.dumps({"seed": seed, **a.get("summary", {})}), flush=True)
+    rows = [{"seed": s, **f} for s in seeds for f in done.get(str(s), {}).get("faults", [])]
+    print("\n" + chaos.table(rows))
+    return 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--combined", action="store_true", help="every fault kind in one run on a multi-node Ray")
     ap.add_argument("--out", default="outputs/chaos")
     a = ap.parse_args(argv)
     out = os.path.abspath(a.out)
+    if a.combined:
+        os.makedirs(out, exist_ok=True)
+        return combined([int(x) for x in a.seeds.split(",")], out)
     os.makedirs(out, exist_ok=True)
     ref = reference(out)
     results_path = os.path.join(out, "results.jsonl")
