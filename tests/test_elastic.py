@@ -155,10 +155,15 @@ def test_every_fault_recovers_with_no_window_lost_or_repeated(chaos_run):
 
 def test_nothing_is_left_behind(chaos_run):
     """No MLflow run RUNNING (the run's history complete in MLflow after the server's restart), no process of the
-    run's session, no staging folder or other temp file."""
+    run's session, no staging folder or other temp file of tst's."""
     m = chaos_run["mlflow"]
     assert m["running_left"] == 0 and m["status"] == "FINISHED" and m["train_loss_steps"] == T, m
     assert chaos_run["processes_left"] == 0, chaos_run["processes_left_cmd"]  # zombies aside: this container's
     # init does not reap the orphans of killed servers
-    assert chaos_run["staging_left"] == [] and chaos_run["tmp_left"] == [], (chaos_run["staging_left"],
-                                                                             chaos_run["tmp_left"])
+    assert chaos_run["staging_left"] == [], chaos_run["staging_left"]
+    # in the run's TMPDIR, only the train workers' per-node copy of the tokenizer, kept on purpose (one per tokenizer
+    # content, pipeline/train/ray_train.py), and the socket folder of the multiprocessing forkserver of Ray's
+    # dashboard, started with the cluster and left when its shutdown kills it
+    left = [n for n in chaos_run["tmp_left"] if not (n.startswith("tst-tokenizer-") and n.endswith(".json"))
+            and not n.startswith("pymp-")]
+    assert left == [], chaos_run["tmp_left"]

@@ -195,7 +195,7 @@ def test_ray_runs_read_the_plain_loops_windows_and_match_it_across_a_failure_and
     Per-step digests of the windows the workers trained on equal the plain loop's (none lost, none read twice);
     every step's loss, the validation loss and the step-4 weights equal the plain loop's up to float reduction
     order (the loss uses global per-slot counts, so neither the world size nor the shard sizes change it).
-    Covered elsewhere: 2 -> 1, a SIGKILLed and a hung (SIGSTOP) worker (tests/test_elastic.py),
+    Covered elsewhere: 3 -> 2 -> 3, killed and hung (SIGSTOP) workers, driver SIGTERM/SIGKILL (tests/test_elastic.py),
     MoE over two ranks (tests/test_moe.py)."""
     from mlflow.tracking import MlflowClient
 

@@ -428,8 +428,9 @@ def analyse(res: dict, ref_losses: dict, ref_windows: dict, ref_weights: Optiona
     first_seen: dict[int, float] = {}
     for pid, _, t, _ in reads:
         first_seen[pid] = min(first_seen.get(pid, t), t)
-    trail = {(s + 1, row): d for s, rows in read_digests(os.path.join(out, "digests")).items() for row, d in rows.items()} \
-        if os.path.isdir(os.path.join(out, "digests")) else {}
+    dg = os.path.join(out, "digests")
+    trail = {(s + 1, row): d for s, rows in read_digests(dg).items() for row, d in rows.items()} \
+        if os.path.isdir(dg) else {}
     ref_count: dict[str, int] = {}
     for d in ref_windows.values():
         ref_count[d] = ref_count.get(d, 0) + 1
@@ -464,16 +465,14 @@ def analyse(res: dict, ref_losses: dict, ref_windows: dict, ref_weights: Optiona
     t_resize = next((f["t"] for f in faults if f["kind"] == "node_remove"), float("inf"))
     before = [r for r in recs if r["logged_at"] < t_resize and r["world_size"] == WORKERS]
     after = [r for r in recs if r not in before]
-    rel = [abs(r["train_loss"] - ref_losses[r["step"]]) / abs(ref_losses[r["step"]]) for r in after
-           if r["step"] in ref_losses]
+    rel = _rel_diffs(after, ref_losses)
     summary = {
         "finished": res.get("driver_exit") == 0 and "error" not in res,
         "steps_logged": len({r["step"] for r in recs}),
         "windows_lost": len(lost_at), "windows_repeated": len(repeated_at),
         "losses_checked_bitwise": len(before) if bitwise else 0,
         "losses_bit_identical": all(r["train_loss"] == ref_losses.get(r["step"]) for r in before) if bitwise else None,
-        "max_rel_loss_diff_before_resize": max((abs(r["train_loss"] - ref_losses[r["step"]]) / abs(ref_losses[r["step"]])
-                                                for r in before if r["step"] in ref_losses), default=None),
+        "max_rel_loss_diff_before_resize": max(_rel_diffs(before, ref_losses), default=None),
         "max_rel_loss_diff_after_resize": max(rel, default=None),
         "world_sizes": sorted({r["world_size"] for r in recs}),
     }
@@ -485,6 +484,11 @@ def analyse(res: dict, ref_losses: dict, ref_windows: dict, ref_weights: Optiona
         summary["weights_max_abs_diff"] = max(float((sd[n].float() - ref_weights[n].float()).abs().max()) for n in sd)
         summary["weights_identical"] = all(bool((sd[n] == ref_weights[n]).all()) for n in sd)
     return {"faults": rows, "summary": summary}
+
+
+def _rel_diffs(records: list[dict], ref_losses: dict) -> list[float]:
+    return [abs(r["train_loss"] - ref_losses[r["step"]]) / abs(ref_losses[r["step"]]) for r in records
+            if r["step"] in ref_losses]
 
 
 def cluster_reference(out: str) -> tuple[dict, dict, dict]:
