@@ -72,3 +72,7 @@ def test_crossover_plan_jobs_and_report(tmp_path, monkeypatch):
     assert [j.kind for j in jobs] == ["ladder"] and X._needs_retrain(fresh, jobs[0].plan)
     X.run_job(jobs[0], fresh, corpus)
     assert X.finished(fresh, short, 20)["final_val_loss"] == want
+    # the ledger's CPU seconds: the last line a finished child printed; none for a job that did not finish
+    log = tmp_path / "job.log"
+    log.write_text("step 600/600\n[crossover] job x done, process CPU 412 s\n")
+    assert X._cpu_of(str(log)) == 412.0 and X._cpu_of(str(tmp_path / "stopped.log")) is None

@@ -418,8 +418,9 @@ def run_study(out: str, corpus: str, *, sizes=DEFAULT_SIZES, cpu_hours: float = 
                     print(f"[crossover] {key} failed: no new jobs (fix it and rerun: the study resumes)",
                           flush=True)
                 _append(ledger, {"job": key, "kind": job.kind, "size": job.size, "T": job.T, "seed": job.seed,
-                                 "start_utc": _utc(t0), "wall_s": round(wall, 1), "estimate_s": round(est),
-                                 "exitcode": p.exitcode, "command": command})
+                                 "start_utc": _utc(t0), "wall_s": round(wall, 1),
+                                 "cpu_s": _cpu_of(os.path.join(out, "logs", f"{key}.log")),
+                                 "estimate_s": round(est), "exitcode": p.exitcode, "command": command})
                 print(f"[crossover] {key}: {'done' if p.exitcode == 0 else 'FAILED, see logs'} in {wall:.0f} s "
                       f"(estimated {est:.0f} s); spent {spent / 3600:.2f} of {cpu_hours:g} CPU-h", flush=True)
             if stop_at and time.time() >= stop_at and running:
@@ -526,6 +527,17 @@ def _stop_running(running: dict, ledger: str, command: str) -> float:
         print(f"[crossover] stopped {key} after {wall:.0f} s", flush=True)
     running.clear()
     return total
+
+
+def _cpu_of(log: str) -> Optional[float]:
+    """The process CPU seconds a finished child printed last in its log (its wall-clock overstates the CPU when
+    the cores are shared); None when it did not finish."""
+    try:
+        with open(log, errors="replace") as f:
+            lines = [ln for ln in f if "done, process CPU" in ln]
+        return float(lines[-1].rsplit("CPU", 1)[1].split()[0]) if lines else None
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _append(path: str, rec: dict) -> None:

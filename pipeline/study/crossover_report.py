@@ -57,6 +57,12 @@ def _ledger(res_dir: str) -> tuple[float, list[dict]]:
     return sum(r["wall_s"] for r in recs), recs
 
 
+def _cpu(recs) -> str:
+    """Process CPU of the finished jobs that recorded it (stopped jobs and older records have none)."""
+    known = [r["cpu_s"] for r in recs if r.get("cpu_s") is not None]
+    return f"{sum(known) / 3600:.2f} h of process CPU over the {len(known)} finished jobs that recorded it"
+
+
 def write_report(out: str, corpus: str, sizes, res_dir: str, *, spent_s: float = 0.0, command: str = "") -> dict:
     os.makedirs(res_dir, exist_ok=True)
     X.restore_runs(out, res_dir)  # a fresh checkout: the committed archive of finished runs
@@ -69,8 +75,8 @@ def write_report(out: str, corpus: str, sizes, res_dir: str, *, spent_s: float =
     total_s, recs = _ledger(res_dir)
     L = [f"# Crossover map: results on disk ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
          f"Written by `pipeline.study.crossover_report` from `{out}`; command: `{command}`.", "",
-         f"CPU time in the ledger (one-thread jobs, wall-clock seconds): {total_s / 3600:.2f} h over "
-         f"{len(recs)} job runs; this invocation {spent_s / 3600:.2f} h.", ""]
+         f"Time in the ledger (one-thread jobs): {total_s / 3600:.2f} h of wall-clock over {len(recs)} job runs "
+         f"(this invocation {spent_s / 3600:.2f} h), {_cpu(recs)}.", ""]
     # the lr search
     L += ["## Baseline learning-rate search (T = 600, seed 0, final val loss)", "",
           "| size | params (non-emb) | " + " | ".join(f"lr {lr:g}" for lr in X.LRS) + " | chosen |",
