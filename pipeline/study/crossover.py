@@ -250,11 +250,7 @@ def archive_runs(out: str, results: str, names) -> int:
         sm = _summary(src)
         if sm is None or sm.get("status") != "finished":
             continue
-        dst = os.path.join(results, "runs", name)
-        os.makedirs(dst, exist_ok=True)
-        for f in ARCHIVED:
-            if os.path.exists(os.path.join(src, f)):
-                shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
+        _copy_run(src, os.path.join(results, "runs", name))
         n += 1
     return n
 
@@ -268,13 +264,17 @@ def restore_runs(out: str, results: str) -> int:
         sm = _summary(os.path.join(root, name))
         if sm is None or finished(out, name, sm.get("step")) is not None:
             continue
-        dst = os.path.join(out, "runs", name)
-        os.makedirs(dst, exist_ok=True)
-        for f in ARCHIVED:
-            if os.path.exists(os.path.join(root, name, f)):
-                shutil.copyfile(os.path.join(root, name, f), os.path.join(dst, f))
+        _copy_run(os.path.join(root, name), os.path.join(out, "runs", name))
         n += 1
     return n
+
+
+def _copy_run(src: str, dst: str) -> None:
+    """The ARCHIVED files of one run folder, src -> dst (either way: archive or restore)."""
+    os.makedirs(dst, exist_ok=True)
+    for f in ARCHIVED:
+        if os.path.exists(os.path.join(src, f)):
+            shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
 
 
 def _summary(run_dir: str) -> Optional[dict]:
@@ -342,11 +342,7 @@ def seconds_per_step(out: str, size: str) -> float:
     for n in os.listdir(root) if os.path.isdir(root) else []:
         if not n.startswith(f"{size}-") or os.path.exists(os.path.join(root, n, "BRANCH.json")):
             continue
-        try:
-            with open(os.path.join(root, n, "summary.json")) as f:
-                sm = json.load(f)
-        except (OSError, ValueError):
-            continue
+        sm = _summary(os.path.join(root, n)) or {}
         if sm.get("status") == "finished" and sm.get("compute_s") and sm.get("step"):
             rates.append(sm["compute_s"] / sm["step"])
     if rates:
