@@ -334,10 +334,34 @@ def _child(job: Job, out: str, corpus: str, log: str) -> None:
 
 
 # -- the scheduler --------------------------------------------------------------------------------------------------
-def seconds_per_step(out: str, size: str) -> float:
-    """Measured median seconds per step of this size's finished runs in the study (branches left out: they start
-    from a checkpoint), else the prior scaled by FLOPs per position."""
+def seconds_per_step(out: str, size: str, ledger: Optional[str] = None) -> float:
+    """Median CPU seconds per step of this size's finished full runs in the ledger (process CPU: wall-clock
+    overstated it 2.5x when the machine was shared), else the median wall-clock per step of its finished runs
+    in the study (branches left out: they start from a checkpoint); a size with neither: the nearest measured
+    size's rate scaled by FLOPs per position, else the tiny prior scaled the same way."""
+    rate = _measured_s_per_step(out, size, ledger)
+    if rate is not None:
+        return rate
+    flops = params_of(size)["flops_per_position"]
+    measured = [(abs(math.log(params_of(o)["flops_per_position"] / flops)), o) for o in ALL_SIZES if o != size]
+    for _, other in sorted(measured):
+        r = _measured_s_per_step(out, other, ledger)
+        if r is not None:
+            return r * flops / params_of(other)["flops_per_position"]
+    return PRIOR_S_PER_STEP * flops / params_of("tiny")["flops_per_position"]
+
+
+def _measured_s_per_step(out: str, size: str, ledger: Optional[str]) -> Optional[float]:
     rates = []
+    if ledger and os.path.exists(ledger):
+        with open(ledger) as f:
+            for line in f:
+                rec = json.loads(line)
+                if (rec.get("size") == size and rec.get("kind") == "run" and rec.get("exitcode") == 0
+                        and rec.get("cpu_s")):
+                    rates.append(rec["cpu_s"] / rec.get("steps", rec["T"]))  # a "run" trains T steps
+    if rates:
+        return statistics.median(rates)
     root = os.path.join(out, "runs")
     for n in os.listdir(root) if os.path.isdir(root) else []:
         if not n.startswith(f"{size}-") or os.path.exists(os.path.join(root, n, "BRANCH.json")):
@@ -345,9 +369,7 @@ def seconds_per_step(out: str, size: str) -> float:
         sm = _summary(os.path.join(root, n)) or {}
         if sm.get("status") == "finished" and sm.get("compute_s") and sm.get("step"):
             rates.append(sm["compute_s"] / sm["step"])
-    if rates:
-        return statistics.median(rates)
-    return PRIOR_S_PER_STEP * params_of(size)["flops_per_position"] / params_of("tiny")["flops_per_position"]
+    return statistics.median(rates) if rates else None
 
 
 def check_corpus(out: str, corpus: str, sizes) -> dict:
@@ -414,7 +436,7 @@ def run_study(out: str, corpus: str, *, sizes=DEFAULT_SIZES, cpu_hours: float = 
                     print(f"[crossover] {key} failed: no new jobs (fix it and rerun: the study resumes)",
                           flush=True)
                 _append(ledger, {"job": key, "kind": job.kind, "size": job.size, "T": job.T, "seed": job.seed,
-                                 "start_utc": _utc(t0), "wall_s": round(wall, 1),
+                                 "steps": job.steps, "start_utc": _utc(t0), "wall_s": round(wall, 1),
                                  "cpu_s": _cpu_of(os.path.join(out, "logs", f"{key}.log")),
                                  "estimate_s": round(est), "exitcode": p.exitcode, "command": command})
                 print(f"[crossover] {key}: {'done' if p.exitcode == 0 else 'FAILED, see logs'} in {wall:.0f} s "
@@ -428,7 +450,7 @@ def run_study(out: str, corpus: str, *, sizes=DEFAULT_SIZES, cpu_hours: float = 
             jobs = [j for j in jobs if j.key not in running and j.key not in failed]
             while jobs and len(running) < workers and not stopped:
                 j = jobs[0]
-                est = j.steps * seconds_per_step(out, j.size)
+                est = j.steps * seconds_per_step(out, j.size, ledger)
                 committed = spent + sum(max(e, time.time() - t0) for _, _, t0, e in running.values())
                 if committed + est > budget or (stop_at and not start_partial and time.time() + est > stop_at):
                     why = "the CPU budget" if committed + est > budget else "--stop-at"
