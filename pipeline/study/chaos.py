@@ -356,8 +356,10 @@ def _mlflow_state(uri: str) -> dict:
 # The parent: run the child, clean up after it, compare with the reference
 # ---------------------------------------------------------------------------------------------------------------
 def run_combined(seed: int, out: str, reference: str = "cluster", timeout_s: float = 1500,
-                 check_node_local_store: bool = False, prepare_throttle_s: float = 4.0) -> dict:
-    """One combined run (seed -> schedule) in `out`; returns the child's record plus the leftovers it found."""
+                 check_node_local_store: bool = False, prepare_throttle_s: float = 4.0,
+                 started: Optional[list] = None) -> dict:
+    """One combined run (seed -> schedule) in `out`; returns the child's record plus the leftovers it found.
+    `started` (a list) gets the child's Popen, for a caller that may have to kill its session."""
     from pipeline.local_cluster import session_pids
 
     shutil.rmtree(out, ignore_errors=True)
@@ -370,6 +372,8 @@ def run_combined(seed: int, out: str, reference: str = "cluster", timeout_s: flo
     with open(os.path.join(out, "child.log"), "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "pipeline.study.chaos", json.dumps(plan), result_path],
                                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        if started is not None:
+            started.append(proc)
         try:
             proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -392,6 +396,7 @@ def run_combined(seed: int, out: str, reference: str = "cluster", timeout_s: flo
             os.kill(pid, signal.SIGKILL)
         except (OSError, ProcessLookupError, IndexError):
             pass
+    _keep_controller_logs(ray_tmp, os.path.join(out, "ray-train-logs"))
     shutil.rmtree(ray_tmp, ignore_errors=True)
     if not os.path.exists(result_path):
         return {"seed": seed, "error": "the run wrote no result; see " + os.path.join(out, "child.log")}
@@ -402,6 +407,16 @@ def run_combined(seed: int, out: str, reference: str = "cluster", timeout_s: flo
     res.update(seed=seed, out=out, processes_left=len(left), processes_left_cmd=cmdlines, zombies=zombies,
                tmp_left=[n for n in tmp_left if n != os.path.join("ray", "ray_current_cluster")])
     return res
+
+
+def _keep_controller_logs(ray_tmp: str, dst: str) -> None:
+    """Ray Train's controller logs (one per driver: each worker-group start with its phase timings, each failure
+    and the policy's decision) out of the cluster's temp dir, which is removed: where a recovery's seconds went."""
+    import glob
+
+    for f in glob.glob(os.path.join(ray_tmp, "session_*", "logs", "train", "ray-train-sys-controller-*.log")):
+        os.makedirs(dst, exist_ok=True)
+        shutil.copy(f, dst)
 
 
 def _digest_reads(folder: str) -> list[tuple[int, int, float, dict]]:
