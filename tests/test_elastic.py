@@ -143,7 +143,11 @@ def test_every_fault_recovers_with_no_window_lost_or_repeated(chaos_run):
     kinds = [f["kind"] for f in a["faults"]]
     assert kinds == list(chaos.KINDS), kinds
     for f in a["faults"]:
-        assert f["to_next_step_s"] is not None and f["to_next_step_s"] < 120, f
+        # a bound that catches a recovery stuck on something (a dead controller's AutoscalingCoordinator
+        # reservation held every train node for Ray's 180 s expiry: ~225 s) with room for this run sharing the
+        # cores with the rest of the suite (up to ~100 s there, 2026-12-02; 41-54 s alone on a quiet machine,
+        # docs/results.md; the bench reports the 60 s target)
+        assert f["to_next_step_s"] is not None and f["to_next_step_s"] < 170, f
         assert f["steps_redone"] <= CKPT, f
         assert f["windows_lost"] == 0 and f["windows_repeated"] == 0, f
     assert a["summary"]["windows_lost"] == 0 and a["summary"]["windows_repeated"] == 0, a["summary"]
