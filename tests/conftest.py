@@ -119,12 +119,9 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 @pytest.fixture(scope="session")
-def chaos_background():
-    """The background chaos run's (out, result): waits for it to end."""
-    if "thread" not in _chaos and "config" in _chaos:  # nothing ran before the chaos run's own tests
-        _start_chaos(_chaos["config"])
-    thread = _chaos.get("thread")
-    if thread is None:
-        pytest.skip("the chaos run starts only when tests/test_elastic.py is collected")
-    thread.join()
+def chaos_background(request):
+    """The background chaos run's (out, result): waits for it to end (starts it if no other test ran first)."""
+    if "thread" not in _chaos:
+        _start_chaos(request.config)
+    _chaos["thread"].join()
     return _chaos["out"], _chaos["result"]

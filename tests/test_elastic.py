@@ -48,7 +48,7 @@ def _raw_tokens(step: int) -> int:
 
 @pytest.fixture(scope="module")
 def chaos_run(chaos_background):
-    out, res = chaos_background  # started when collection ended, beside the rest of the suite (tests/conftest.py)
+    out, res = chaos_background  # started beside the rest of the suite, after the autoscaling test (tests/conftest.py)
     log_tail = ""
     for name in ("child.log", "run.log"):
         p = os.path.join(out, name)

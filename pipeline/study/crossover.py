@@ -35,10 +35,10 @@ The plan (constants below; all runs share the CPU setting of bench/speedup.py: s
 
 Budget: a job is launched only when the seconds already spent in this invocation, plus the estimates of the
 running jobs, plus its own estimate fit in --cpu-hours (and, with --stop-at, when it is expected to end before
-then; at --stop-at running jobs are stopped, to resume next time). Estimates: measured seconds per step of
-that size in this study, else tiny's 0.6 s/step scaled by FLOPs. Jobs are taken strictly in priority order:
-when the next one does not fit, nothing later is started. Every job's wall-clock (1 thread: about its CPU time)
-is appended to <out>/ledger.jsonl.
+then; at --stop-at running jobs are stopped, to resume next time). Estimates: measured CPU seconds per step of
+that size (the ledger), else the nearest measured size's scaled by FLOPs, else tiny's 0.6 s/step scaled by FLOPs.
+Jobs are taken strictly in priority order: when the next one does not fit, nothing later is started. Every job's
+wall-clock and process CPU are appended to the results folder's ledger.jsonl (committed with the archive).
 
 Outputs: <out>/runs/ (run folders), <out>/cells/<cell>/<variant>/ (each comparison's compare.json and curves),
 <out>/logs/ (one log per job), and in the results folder: crossover.csv (one row per comparison),
@@ -352,14 +352,10 @@ def seconds_per_step(out: str, size: str, ledger: Optional[str] = None) -> float
 
 
 def _measured_s_per_step(out: str, size: str, ledger: Optional[str]) -> Optional[float]:
-    rates = []
-    if ledger and os.path.exists(ledger):
-        with open(ledger) as f:
-            for line in f:
-                rec = json.loads(line)
-                if (rec.get("size") == size and rec.get("kind") == "run" and rec.get("exitcode") == 0
-                        and rec.get("cpu_s")):
-                    rates.append(rec["cpu_s"] / rec.get("steps", rec["T"]))  # a "run" trains T steps
+    rates = [rec["cpu_s"] / rec.get("steps", rec["T"])  # a "run" trains T steps
+             for rec in (read_ledger(ledger) if ledger else [])
+             if rec.get("size") == size and rec.get("kind") == "run" and rec.get("exitcode") == 0
+             and rec.get("cpu_s")]
     if rates:
         return statistics.median(rates)
     root = os.path.join(out, "runs")
@@ -556,6 +552,14 @@ def _cpu_of(log: str) -> Optional[float]:
         return float(lines[-1].rsplit("CPU", 1)[1].split()[0]) if lines else None
     except (OSError, ValueError, IndexError):
         return None
+
+
+def read_ledger(path: str) -> list[dict]:
+    """The ledger's records, oldest first ([] before the first job)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def _append(path: str, rec: dict) -> None:

@@ -8,7 +8,6 @@ Why separate: the report reads only finished runs and their cached comparisons, 
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import statistics
@@ -49,11 +48,7 @@ def _loss(out, name, steps):
 
 
 def _ledger(res_dir: str) -> tuple[float, list[dict]]:
-    p = os.path.join(res_dir, "ledger.jsonl")
-    recs = []
-    if os.path.exists(p):
-        with open(p) as f:
-            recs = [json.loads(line) for line in f if line.strip()]
+    recs = X.read_ledger(os.path.join(res_dir, "ledger.jsonl"))
     return sum(r["wall_s"] for r in recs), recs
 
 
