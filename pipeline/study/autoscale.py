@@ -183,17 +183,22 @@ def placement(cluster, node_types: dict[str, str]) -> dict[str, list[str]]:
 
     actors = list_actors(address=cluster.dashboard_url, limit=10000, detail=True, raise_on_missing_output=False)
     tasks = list_tasks(address=cluster.dashboard_url, limit=10000, detail=True, raise_on_missing_output=False)
-    out: dict[str, list[str]] = {"tokenizer_actors": [], "read_tasks": [], "train_workers": []}
+    out: dict[str, list[str]] = {"tokenizer_actors": [], "read_tasks": [], "train_workers": [], "never_placed": []}
 
     def where(nid):
-        return node_types.get(nid or "", "unknown")
+        return node_types.get(nid, "unknown")
 
     for a in actors:
         name = f"{a.class_name} {getattr(a, 'repr_name', '') or ''}"
-        if "_TokenizeActor" in name:
-            out["tokenizer_actors"].append(where(a.node_id))
-        elif "RayTrainWorker" in name:
-            out["train_workers"].append(where(a.node_id))
+        kind = "tokenizer_actors" if "_TokenizeActor" in name else "train_workers" if "RayTrainWorker" in name else None
+        if kind is None:
+            continue
+        if not a.node_id:
+            # Ray Data asked for the actor but the reads finished before a node had room for it: it ran nowhere
+            # (seen in CI once: one of the two tokenizer actors, node_id None); listed, not placed
+            out["never_placed"].append(f"{kind}:{a.state}")
+        else:
+            out[kind].append(where(a.node_id))
     for t in tasks:
         if "_read_task" in (t.name or "") and t.node_id:
             out["read_tasks"].append(where(t.node_id))
