@@ -70,6 +70,8 @@ def test_job_scales_node_types_up_places_work_and_scales_down(tmp_path):
 
     out = str(tmp_path / "ex")
     work = _repo_copy(str(tmp_path / "repo"))
+    mine = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(work) for f in fs  # before the job ran
+               if os.path.relpath(os.path.join(d, f), work) not in JUNK)
     db = str(tmp_path / "mlflow.db")
     uri = f"sqlite:///{db}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -143,7 +145,9 @@ def test_job_scales_node_types_up_places_work_and_scales_down(tmp_path):
     # (the job itself may write into its working dir, so look for the exact files planted before the upload)
     assert not set(JUNK) & uploaded, sorted(set(JUNK) & uploaded)
     assert not any(u.startswith(("outputs/", "data/", ".venv/", ".git/")) for u in uploaded)
-    assert sum(files.values()) < 3 << 20, sum(files.values())  # the 8 MB of planted outputs and data stayed behind
+    # the 7 MB of planted outputs and data stayed behind: the package weighs what the user's own files weigh (the
+    # repo grows, e.g. docs/crossover/runs, so no fixed size), plus at most 1 MB the job may have written
+    assert sum(files.values()) < mine + (1 << 20), (sum(files.values()), mine)
     # the code that ran is the uploaded copy (first on PYTHONPATH), not the installed package
     assert pr["code_rc"] == 0, pr
     assert os.path.realpath(pr["pipeline_at"]).startswith(os.path.realpath(pkg)), (pr["pipeline_at"], pkg)
