@@ -7,6 +7,8 @@ import csv
 import os
 import shutil
 
+import torch
+
 from pipeline.study import crossover as X
 from pipeline.study import crossover_report as R
 from pipeline.study.speedup import setting_config
@@ -42,6 +44,10 @@ def test_crossover_plan_jobs_and_report(tmp_path, monkeypatch):
     # the ladder's T-length branch is the lr-search run at the chosen lr, bit for bit
     branch = X.finished(out, f"tiny-seed0-lr{lr:g}-base-T40", 40)
     assert branch["final_val_loss"] == X.finished(out, X.lrsearch_name("tiny", lr), 40)["final_val_loss"]
+    # each run's summary.json names the machine its float32 numerics came from (bit-identical only on one machine)
+    machine = X.finished(out, X.lrsearch_name("tiny", lr), 40)["machine"]
+    assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert len(machine["cpu_flags_sha256"]) == 12
     paper = X.compare_cell(out, corpus, "tiny", 0, 40, "paper")
     best = X.compare_cell(out, corpus, "tiny", 0, 40, "best")
     assert (paper["s"], paper["r"]) == X.PAPER and (best["s"], best["r"]) == X.chosen_tst(out, "tiny", lr)
