@@ -57,7 +57,14 @@ def test_crossover_plan_jobs_and_report(tmp_path, monkeypatch):
     with open(res / "crossover.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["variant"] for r in rows] == ["paper", "best"] and rep["pending"] == []
-    assert os.path.exists(res / "crossover.png") and "own best" in (res / "crossover.md").read_text()
+    md = (res / "crossover.md").read_text()
+    assert os.path.exists(res / "crossover.png") and "own best" in md
+    # the curves around the switch: the paper run against the cell's T-step baseline, at each tenth of the run
+    line = next(ln for ln in md.splitlines() if ln.startswith("| tiny | 0 |"))
+    base = R._val_curve(out, f"tiny-seed0-lr{lr:g}-base-T40")
+    tst = R._val_curve(out, X.tst_name("tiny", 0, lr, *X.PAPER, 40))
+    assert "(switch)" in md and line.split("|")[-2].strip() == f"{base[40] - tst[40]:+.3f}"
+    assert abs(base[40] - tst[40] - paper["diff_nats"]) < 1e-9
 
     # a later session's fresh checkout keeps only the committed archive (outputs/ is not committed)
     names = sorted(os.listdir(os.path.join(out, "runs")))

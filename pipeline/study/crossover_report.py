@@ -8,6 +8,7 @@ Why separate: the report reads only finished runs and their cached comparisons, 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import statistics
@@ -116,6 +117,7 @@ def write_report(out: str, corpus: str, sizes, res_dir: str, *, spent_s: float =
         L.append("| (no cell finished yet) | | | | | | | |")
     L += ["", "Wall-clock speedups come from two jobs sharing 2 cores with other users' work: noisy; the steps "
               "and FLOPs ratios do not depend on load.", ""]
+    L += _switch_curves(out, corpus, sizes)
     # plan status
     jobs, blocked = X.plan_jobs(out, corpus, sizes)
     L += ["## Not yet run", ""]
@@ -127,6 +129,44 @@ def write_report(out: str, corpus: str, sizes, res_dir: str, *, spent_s: float =
     print("\n".join(L), flush=True)
     return {"rows": rows, "figure": fig, "pending": [j.key for j in jobs], "blocked": blocked,
             "ledger_s": total_s}
+
+
+def _val_curve(out: str, name: str) -> dict:
+    """{step: held-out loss} of one run folder's metrics.jsonl (a decay branch's file holds the shared prefix too)."""
+    curve = {}
+    with open(os.path.join(out, "runs", name, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            if r.get("val_loss") is not None:
+                curve[r["step"]] = r["val_loss"]
+    return curve
+
+
+def _switch_curves(out: str, corpus: str, sizes) -> list[str]:
+    """What the curves say around the switch: baseline − TST (paper setting) held-out loss at every tenth of the run,
+    per size and seed, against the cell's own T-step baseline (the same run its final difference uses)."""
+    L = []
+    for T in (X.T_FIRST, X.T_SECOND):
+        cols = [round(k * T / 10) for k in range(1, 11)]
+        rows = []
+        for z in sizes:
+            lr = X.chosen_lr(out, z)
+            for seed in X.SEEDS:
+                if lr is None or X.compare_cell(out, corpus, z, seed, T, "paper") is None:
+                    continue
+                lad = X.ladder(X.base_config(z, seed, out, corpus, lr), z, seed, lr, T)
+                base = _val_curve(out, next(b["name"] for b in lad["baselines"] if b["steps"] == T))
+                tst = _val_curve(out, X.tst_name(z, seed, lr, *X.PAPER, T))
+                rows.append(f"| {z} | {seed} | " + " | ".join(
+                    f"{base[c] - tst[c]:+.3f}" if c in base and c in tst else "-" for c in cols) + " |")
+        if rows:
+            sw = round(X.PAPER[1] * T)
+            L += [f"## The curves around the switch (T = {T}, paper setting s={X.PAPER[0]}, r={X.PAPER[1]:g}: "
+                  f"switch at step {sw})", "",
+                  "Baseline − TST held-out loss (nats, positive = TST ahead) at each tenth of the run.", "",
+                  "| size | seed | " + " | ".join(f"{c}" + (" (switch)" if c == sw else "") for c in cols) + " |",
+                  "|---|---|" + "---|" * len(cols), *rows, ""]
+    return L
 
 
 def _figure(rows, sizes, path):
