@@ -115,8 +115,9 @@ def write_report(out: str, corpus: str, sizes, res_dir: str, *, spent_s: float =
                          f"{', '.join(str(r['seed']) for r in rs)} |")
     if not rows:
         L.append("| (no cell finished yet) | | | | | | | |")
-    L += ["", "Wall-clock speedups come from two jobs sharing 2 cores with other users' work: noisy; the steps "
-              "and FLOPs ratios do not depend on load.", ""]
+    L += ["", "± is the sample standard deviation over the seeds listed (the standard error of their mean is that "
+              "divided by √n). Wall-clock speedups come from two jobs sharing 2 cores with other users' work: noisy; "
+              "the steps and FLOPs ratios do not depend on load.", ""]
     L += _switch_curves(out, corpus, sizes)
     # plan status
     jobs, blocked = X.plan_jobs(out, corpus, sizes)
