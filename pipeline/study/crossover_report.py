@@ -199,6 +199,13 @@ def _figure(rows, sizes, path):
                              capsize=3, label=lab)
             axes[1].errorbar(x, [p[3] for p in pts], yerr=[p[4] for p in pts], ls=ls, marker="o", color=color,
                              capsize=3, label=lab)
+            if variant == "paper":  # every seed's own point, so that a spread of three is seen as three
+                rs = [r for r in rows if r["T"] == T and r["variant"] == variant and r["size"] in sizes]
+                axes[0].scatter([r["params_non_embedding"] for r in rs], [r["diff_nats"] for r in rs], s=12,
+                                color=color, alpha=0.45, zorder=3)
+                axes[1].scatter([r["params_non_embedding"] for r in rs if r["speedup_steps"] is not None],
+                                [r["speedup_steps"] for r in rs if r["speedup_steps"] is not None], s=12,
+                                color=color, alpha=0.45, zorder=3)
     axes[0].axhline(0, color="grey", lw=0.8)
     axes[1].axhline(1, color="grey", lw=0.8)
     for ax, yl in zip(axes, ("baseline − TST final val loss (nats)", "iso-loss speedup in steps (x)")):
@@ -206,7 +213,7 @@ def _figure(rows, sizes, path):
         ax.set_xlabel("non-embedding parameters")
         ax.set_ylabel(yl)
         ax.legend(fontsize=8)
-    fig.suptitle("TST vs WSD baselines at equal FLOPs per step (error bars: seed sd where measured)")
+    fig.suptitle("TST vs WSD baselines at equal FLOPs per step (error bars: seed sd where measured; dots: each seed, paper setting)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
