@@ -148,8 +148,7 @@ def _switch_curves(out: str, corpus: str, sizes) -> list[str]:
     per size and seed, against the cell's own T-step baseline (the same run its final difference uses)."""
     L = []
     for T in (X.T_FIRST, X.T_SECOND):
-        cols = [round(k * T / 10) for k in range(1, 11)]
-        rows = []
+        curves = []
         for z in sizes:
             lr = X.chosen_lr(out, z)
             for seed in X.SEEDS:
@@ -158,13 +157,19 @@ def _switch_curves(out: str, corpus: str, sizes) -> list[str]:
                 lad = X.ladder(X.base_config(z, seed, out, corpus, lr), z, seed, lr, T)
                 base = _val_curve(out, next(b["name"] for b in lad["baselines"] if b["steps"] == T))
                 tst = _val_curve(out, X.tst_name(z, seed, lr, *X.PAPER, T))
-                rows.append(f"| {z} | {seed} | " + " | ".join(
-                    f"{base[c] - tst[c]:+.3f}" if c in base and c in tst else "-" for c in cols) + " |")
-        if rows:
+                curves.append((z, seed, base, tst))
+        if curves:
+            # columns: the evaluation steps both arms share nearest to each tenth of the run (every 60 steps here:
+            # at T = 1500 the tenths fall between evaluations)
+            common = sorted(set.intersection(*(set(b) & set(t) for _, _, b, t in curves)))
+            cols = sorted({min(common, key=lambda c: abs(c - k * T / 10)) for k in range(1, 11)}) if common else []
+            rows = [f"| {z} | {seed} | " + " | ".join(f"{b[c] - t[c]:+.3f}" for c in cols) + " |"
+                    for z, seed, b, t in curves]
             sw = round(X.PAPER[1] * T)
             L += [f"## The curves around the switch (T = {T}, paper setting s={X.PAPER[0]}, r={X.PAPER[1]:g}: "
                   f"switch at step {sw})", "",
-                  "Baseline − TST held-out loss (nats, positive = TST ahead) at each tenth of the run.", "",
+                  "Baseline − TST held-out loss (nats, positive = TST ahead) at the shared evaluation nearest each "
+                  "tenth of the run.", "",
                   "| size | seed | " + " | ".join(f"{c}" + (" (switch)" if c == sw else "") for c in cols) + " |",
                   "|---|---|" + "---|" * len(cols), *rows, ""]
     return L
