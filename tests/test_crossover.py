@@ -63,7 +63,7 @@ def test_crossover_plan_jobs_and_report(tmp_path, monkeypatch):
     line = next(ln for ln in md.splitlines() if ln.startswith("| tiny | 0 |"))
     base = R._val_curve(out, f"tiny-seed0-lr{lr:g}-base-T40")
     tst = R._val_curve(out, X.tst_name("tiny", 0, lr, *X.PAPER, 40))
-    assert "(switch)" in md and line.split("|")[-2].strip() == f"{base[40] - tst[40]:+.3f}"
+    assert "(first after switch)" in md and line.split("|")[-2].strip() == f"{base[40] - tst[40]:+.3f}"
     assert abs(base[40] - tst[40] - paper["diff_nats"]) < 1e-9
 
     # a later session's fresh checkout keeps only the committed archive (outputs/ is not committed)

@@ -170,9 +170,16 @@ def _switch_curves(out: str, corpus: str, sizes) -> list[str]:
                   f"switch at step {sw})", "",
                   "Baseline − TST held-out loss (nats, positive = TST ahead) at the shared evaluation nearest each "
                   "tenth of the run.", "",
-                  "| size | seed | " + " | ".join(f"{c}" + (" (switch)" if c == sw else "") for c in cols) + " |",
+                  "| size | seed | " + " | ".join(f"{c}" + _switch_mark(c, sw, cols) for c in cols) + " |",
                   "|---|---|" + "---|" * len(cols), *rows, ""]
     return L
+
+
+def _switch_mark(c: int, sw: int, cols) -> str:
+    if c == sw:
+        return " (switch)"
+    after = [x for x in cols if x > sw]
+    return " (first after switch)" if sw not in cols and after and c == after[0] else ""
 
 
 def _figure(rows, sizes, path):
