@@ -8,7 +8,6 @@ Why separate: the report reads only finished runs and their cached comparisons, 
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import statistics
@@ -134,13 +133,10 @@ def write_report(out: str, corpus: str, sizes, res_dir: str, *, spent_s: float =
 
 def _val_curve(out: str, name: str) -> dict:
     """{step: held-out loss} of one run folder's metrics.jsonl (a decay branch's file holds the shared prefix too)."""
-    curve = {}
-    with open(os.path.join(out, "runs", name, "metrics.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
-            if r.get("val_loss") is not None:
-                curve[r["step"]] = r["val_loss"]
-    return curve
+    from pipeline.train.metrics import JsonlWriter
+
+    records = JsonlWriter(os.path.join(out, "runs", name, "metrics.jsonl")).read()
+    return {r["step"]: r["val_loss"] for r in records if r.get("val_loss") is not None}
 
 
 def _switch_curves(out: str, corpus: str, sizes) -> list[str]:
@@ -225,7 +221,8 @@ def _figure(rows, sizes, path):
         ax.set_xlabel("non-embedding parameters")
         ax.set_ylabel(yl)
         ax.legend(fontsize=8)
-    fig.suptitle("TST vs WSD baselines at equal FLOPs per step (error bars: seed sd where measured; dots: each seed, paper setting)")
+    fig.suptitle("TST vs WSD baselines at equal FLOPs per step "
+                 "(error bars: seed sd where measured; dots: each seed, paper setting)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
