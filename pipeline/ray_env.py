@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 
 from pipeline import ray_internals
@@ -80,13 +81,47 @@ def console_defaults() -> None:
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 
-def free_ports(n: int = 1) -> list[int]:
-    """`n` distinct loopback ports free right now: all are bound at once (so none repeats), then released for the
-    caller (a local Ray's dashboard, the local autoscaling cluster's servers, the tests' servers)."""
-    socks = [socket.socket() for _ in range(n)]
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out for a port-0 bind or an outgoing connection (Linux: from
+    /proc/sys/net/ipv4/ip_local_port_range, 32768 by default; elsewhere the IANA range's 49152)."""
     try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 49152
+
+
+def free_ports(n: int = 1) -> list[int]:
+    """`n` distinct loopback ports free right now, for servers started a moment later (a local Ray's dashboard,
+    the local autoscaling cluster's servers, the tests' servers).
+
+    Why not bind port 0 and release it: the kernel gives port-0 binds ports from its ephemeral range, and a
+    starting Ray binds dozens of them (workers' gRPC servers, outgoing connections). A port we got that way and
+    released could be handed to one of those before the dashboard binds it; CI hit exactly that ("Failed to
+    find a valid port for dashboard ... address already in use"). We pick random ports below the ephemeral
+    range, which the kernel never hands out on its own, and keep the ones that bind (all held at once, so none
+    repeats); a port another server owns fails the bind and is skipped.
+    """
+    hi = min(_ephemeral_low(), 65536)
+    lo = max(1024, hi - 12000)
+    if hi - lo < 4 * n:  # an unusual ephemeral range leaves no room below it: fall back to the kernel's choice
+        lo, hi = 0, 0
+    rng = random.SystemRandom()
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(64 * n):
+            if len(socks) == n:
+                break
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", rng.randrange(lo, hi) if hi else 0))
+            except OSError:
+                s.close()
+                continue
+            socks.append(s)
+        if len(socks) < n:
+            raise RuntimeError(f"found only {len(socks)} of {n} free loopback ports below {hi}; free some ports "
+                               "or widen net.ipv4.ip_local_port_range")
         return [s.getsockname()[1] for s in socks]
     finally:
         for s in socks:

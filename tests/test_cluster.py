@@ -218,3 +218,39 @@ def test_no_node_is_open_to_the_internet():
             assert "tst-head" in t["node_config"]["tags"]["items"]
         else:
             assert nics and all("accessConfigs" not in nic for nic in nics), name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ports for the servers a local Ray starts
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_free_ports_are_distinct_bindable_and_outside_the_ephemeral_range(monkeypatch):
+    """A port handed out by a port-0 bind can be reused by one of Ray's own port-0 binds before the dashboard
+    takes it (CI, 2026-12-03: "Failed to find a valid port for dashboard"), so we pick below the kernel's range;
+    a port someone already holds is skipped."""
+    import socket
+
+    from pipeline import ray_env
+
+    low = ray_env._ephemeral_low()
+    ports = ray_env.free_ports(6)
+    assert len(set(ports)) == 6 and all(1024 <= p < low for p in ports), (ports, low)
+    for p in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", ports[0]))
+    held.listen()
+    try:
+        picks = iter([ports[0], ports[0], ports[1]])
+
+        class Scripted:
+            def randrange(self, lo, hi):
+                return next(picks)
+
+        monkeypatch.setattr(ray_env.random, "SystemRandom", Scripted)
+        assert ray_env.free_ports(1) == [ports[1]]
+    finally:
+        held.close()
