@@ -155,13 +155,17 @@ def run_case(case, seed, out, ref):
         p = tst(["train", "--resume", run_dir], env, log=log)
         p.wait()
     elif case == "mlflow_restart":
+        from pipeline.local_cluster import mlflow_server_env
+        from pipeline.ray_env import free_port
+
         port = free_port()
         store = f"sqlite:///{out}/mlflow-{name}.db"
 
         def start_server():
             return subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "mlflow"), "server",
                                      "--backend-store-uri", store, "--host", "127.0.0.1", "--port", str(port),
-                                     "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                                     "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                    env=mlflow_server_env())
 
         server = start_server()
         wait_port(port)
@@ -229,14 +233,6 @@ def staging_left():
 
 def glob_any(folder, name):
     return os.path.isdir(folder) and any(os.path.exists(os.path.join(folder, d, name)) for d in os.listdir(folder))
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def wait_port(port, timeout=120):

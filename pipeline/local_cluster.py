@@ -310,6 +310,16 @@ class MotoS3:
                 self.proc.wait(10)
 
 
+def mlflow_server_env() -> dict:
+    """The environment for an `mlflow server` that tst starts: tst logs runs, params, metrics and artifacts only,
+    so MLflow 3's job runner (a huey consumer pool: eight more processes, each importing mlflow, about 60
+    CPU-seconds per server start on 2 cores; a restart took a minute on 2 loaded cores) stays off. A value the
+    user set wins."""
+    env = dict(os.environ)
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    return env
+
+
 class MlflowServer:
     """`mlflow server` on 127.0.0.1 over a SQLite file, as cluster.yaml runs it on the head (artifacts proxied to a
     local folder here, to S3 there)."""
@@ -319,10 +329,7 @@ class MlflowServer:
         start meanwhile)."""
         self.port = port or free_ports(1)[0]
         self.url = f"http://127.0.0.1:{self.port}"
-        # tst logs runs, params, metrics and artifacts only: MLflow 3's job runner (a huey consumer pool, seven more
-        # processes) is not needed, and starting it took a minute of a restart on 2 loaded cores
-        env = dict(os.environ)
-        env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+        env = mlflow_server_env()
         self.proc = subprocess.Popen(
             [os.path.join(BIN, "mlflow"), "server", "--backend-store-uri", f"sqlite:///{db_path}", "--host",
              "127.0.0.1", "--port", str(self.port), "--workers", "1", "--artifacts-destination", artifacts],

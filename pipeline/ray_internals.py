@@ -1,7 +1,8 @@
 """Every use of a private Ray API in tst, in one place (checked against Ray 2.60.0, the version pyproject pins).
 
 Each function says what it relies on and what is lost if Ray moves it: all of them only change what the console
-shows or re-read a setting, so a failure here is caught and costs verbosity, never correctness. When upgrading
+shows, re-read a setting or skip an idle process, so a failure here is caught and costs verbosity or a few
+CPU-seconds, never correctness. When upgrading
 Ray, check each `from ray... import` below still resolves (tests/test_cli.py exercises all of them through a quiet
 `tst train`); prefer a public API as soon as one does the job.
 """
@@ -52,6 +53,33 @@ def set_train_report_log_level(level: str) -> None:
         logging.getLogger(_ctx.__file__).setLevel(level.upper())
     except Exception:  # noqa: BLE001
         pass
+
+
+def skip_unused_datasets_callback(trainer) -> bool:
+    """Keep a `TorchTrainer` without `datasets` from starting Ray Data's DatasetManager actor.
+
+    Ray Train 2.60's `DataParallelTrainer._create_default_callbacks` always adds a `DatasetsCallback`, whose
+    `before_init_train_context` starts a DatasetManager actor (one more Ray worker process: about 4 CPU-seconds on
+    2 cores) at every worker-group start, restarts included, even when the trainer has no datasets. tst's ranks
+    read the token store themselves and pass no `datasets`, so that actor never serves a shard; without the callback
+    the workers' train context gets `dataset_shard_provider=None` (Ray's own default), which only
+    `ray.train.get_dataset_shard` would read. Relies on `ray.train.v2._internal.callbacks.DatasetsCallback` and
+    the trainer's `_create_default_callbacks` and `datasets`; if Ray moves them, nothing changes (the idle actor
+    is started as before). Returns whether the callback is now skipped."""
+    try:
+        from ray.train.v2._internal.callbacks import DatasetsCallback
+
+        make = trainer._create_default_callbacks
+        if trainer.datasets:
+            return False
+    except (ImportError, AttributeError):
+        return False
+
+    def create_default_callbacks():
+        return [cb for cb in make() if not isinstance(cb, DatasetsCallback)]
+
+    trainer._create_default_callbacks = create_default_callbacks
+    return True
 
 
 def set_search_properties_compat(set_search_properties, metric, mode, config, **spec) -> bool:

@@ -30,6 +30,7 @@ ray = pytest.importorskip("ray")
 from ray import tune  # noqa: E402
 
 from pipeline.config import Config, ConfigError, apply_overrides  # noqa: E402
+from pipeline.local_cluster import mlflow_server_env  # noqa: E402
 from pipeline.ray_env import free_ports  # noqa: E402
 
 TINY = [
@@ -171,7 +172,7 @@ def mlflow_server(tmp_path_factory):
         [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1", "--port",
          str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
          "--artifacts-destination", str(root / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=mlflow_server_env())
     url = f"http://127.0.0.1:{port}"
     yield {"url": url, "proc": proc, "log": root / "server.log"}
     try:

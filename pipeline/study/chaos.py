@@ -184,8 +184,11 @@ def child(plan: dict, result_path: str) -> None:
         renv = runtime_env(env={COORDINATOR_TICK_ENV: "2"})  # Ray Data's coordinator ticks every 2 s, not 20
         renv["worker_process_setup_hook"] = "pipeline.ray_internals.coordinator_tick_hook"
         renv.pop("excludes")
+        # no PreemptionWatcher: these nodes are processes on one machine, never spot instances; Ray Train would start
+        # one more actor process per worker-group start for nothing (bench/autoscale.py exercises preemption)
         base_env = dict(os.environ, RAY_ADDRESS=cluster.address, RAY_JOB_CONFIG_JSON_ENV_VAR=json.dumps(
-            {"runtime_env": renv}), RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="20")
+            {"runtime_env": renv}), RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="20",
+                        RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0")
         if plan["reference"] == "cluster":  # an uninterrupted run of the same config on the same cluster
             ref_over = overrides(out, None, os.path.join(out, "stores-ref"))
             assert _tst(["data", "prepare", "--no-ray", *ref_over], base_env, logs).wait() == 0, "prepare failed"

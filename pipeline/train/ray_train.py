@@ -22,6 +22,8 @@ from typing import Any, Optional
 
 from ray.train import UserCallback
 
+from pipeline import ray_internals
+
 
 class RayReporter:
     """A rank's reporting under Ray Train (see `pipeline.train.loop.Reporter`)."""
@@ -249,7 +251,7 @@ def build_trainer(cfg, *, source, vocab_size: int, tokenizer_json: Optional[str]
         + list(extra_callbacks or []),
         logging_config=ray.train.LoggingConfig(log_level=_train_log_level()),
     )
-    return TorchTrainer(
+    trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg.to_dict(), "source": source, "vocab_size": vocab_size,
                            "tokenizer_json": tokenizer_json, "stop_flag": stop_flag,
@@ -258,6 +260,8 @@ def build_trainer(cfg, *, source, vocab_size: int, tokenizer_json: Optional[str]
         scaling_config=scaling,
         run_config=run_config,
     )
+    ray_internals.skip_unused_datasets_callback(trainer)  # no `datasets`: no idle DatasetManager per (re)start
+    return trainer
 
 
 RESERVATIONS_FILE = "ray_train_reservations.txt"  # in the run folder: one controller's requester id a line
