@@ -266,6 +266,34 @@ def test_training_starts_before_the_index_is_committed(corpus, tmp_path, monkeyp
         assert first_step["index_existed"] is True
 
 
+def test_behind_the_writer_every_rank_waits_for_its_whole_step(corpus, tmp_path):
+    """Stream order behind a writer: rank 0 of 2 whose own rows are committed still waits for the rest of the step
+    (so no rank enters the step's collectives while another waits for data, and times out there). With the writer
+    dead, that wait ends in the dead-writer error instead of returning rank 0's rows."""
+    from pipeline.data.batch import StoreSource
+    from pipeline.data.plan import StreamPlan
+
+    ov = _overrides(corpus, tmp_path)
+    cfg = apply_overrides(Config(), ov)
+    tok = load_tokenizer(cfg.data, str(tmp_path))
+    storage, _, _ = plan_store(cfg.data, tok, str(tmp_path))
+    p = _prepare_proc(ov, {"TST_PREPARE_THROTTLE_S": "0.5"})
+    while not storage.read_json("progress.json"):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    n = TokenStore(storage.root).tokens("train")
+    L = 16
+    B = n // L + 1  # one step of B rows: rank 0's half is committed, the step's end is not
+    plan = StreamPlan(total_steps=2, switch_fraction=0.0, bag_size=1, seq_len=L, global_batch_size=B, val_windows=1)
+    assert plan.rank_span(0, 0, 2)[0] + plan.rank_span(0, 0, 2)[1] * L + 1 <= n < plan.step_span(0)[1]
+    src = StoreSource(storage.root, plan, layout="stream", shuffle=False, writer_timeout_s=1.0)
+    t0 = time.time()
+    with pytest.raises(DataError, match="stopped: no heartbeat"):
+        src.step_windows(0, 0, 2)
+    assert time.time() - t0 < 10
+
+
 def test_a_dead_writer_is_an_error_not_an_endless_wait(corpus, tmp_path):
     ov = _overrides(corpus, tmp_path)
     cfg = apply_overrides(Config(), ov)

@@ -179,6 +179,11 @@ class StoreSource:
             a, count, stride = self.plan.rank_span(step, rank, world_size)
             end = a + (count - 1) * stride + length
             st = self.store
+            if not self.needs_complete_store and not st.complete:
+                # behind the writer, every rank waits for the whole step's span, not only for its own rows: so all
+                # ranks wait here together, instead of those whose rows are committed waiting in the step's first
+                # collective (and timing out after scaling.collective_timeout_s, a restart) while one rank waits
+                st.wait_for("train", self.plan.step_span(step)[1])
             parts, dparts = [], []
             for e, x, y in self._stream_pieces(a, end):
                 if e < 0:  # unshuffled: the reader maps stream positions (and their epochs) itself
