@@ -66,7 +66,9 @@ def workdir(tmp_path, monkeypatch):
 # test after tests/test_autoscale.py, whose autoscaler launched a spare node when the chaos run loaded the machine
 # during its scale-up), and its tests run last. Nothing of it is shared with the other tests: its own Ray cluster
 # (own ports and temp dir), mlflow server, token store and TMPDIR. Measured 2026-12-02 (quiet 2-core machine): the
-# suite took 1,385 s with the chaos run in line, 1,125 s beside it.
+# suite took 1,385 s with the chaos run in line, 1,125 s beside it. Both cores are busy nearly throughout, so the
+# suite's time is its total CPU / 2: `python bench/suite_cpu.py -q` says where it goes (2026-12-03: 1,432 CPU-s,
+# 820.6 s, after the cuts in docs/results.md "Where the CPU went").
 ELASTIC_FILE, AUTOSCALE_FILE = "test_elastic.py", "test_autoscale.py"
 _chaos: dict = {}
 
