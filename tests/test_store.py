@@ -266,6 +266,20 @@ def test_training_starts_before_the_index_is_committed(corpus, tmp_path, monkeyp
         assert first_step["index_existed"] is True
 
 
+def _store_with_a_dead_writer(corpus, out):
+    """A store whose throttled prepare was SIGKILLed right after its first commit: incomplete, nobody writing."""
+    ov = _overrides(corpus, out)
+    cfg = apply_overrides(Config(), ov)
+    tok = load_tokenizer(cfg.data, str(out))
+    storage, _, _ = plan_store(cfg.data, tok, str(out))
+    p = _prepare_proc(ov, {"TST_PREPARE_THROTTLE_S": "0.5"})
+    while not storage.read_json("progress.json"):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    return storage
+
+
 def test_behind_the_writer_every_rank_waits_for_its_whole_step(corpus, tmp_path):
     """Stream order behind a writer: rank 0 of 2 whose own rows are committed still waits for the rest of the step
     (so no rank enters the step's collectives while another waits for data, and times out there). With the writer
@@ -273,15 +287,7 @@ def test_behind_the_writer_every_rank_waits_for_its_whole_step(corpus, tmp_path)
     from pipeline.data.batch import StoreSource
     from pipeline.data.plan import StreamPlan
 
-    ov = _overrides(corpus, tmp_path)
-    cfg = apply_overrides(Config(), ov)
-    tok = load_tokenizer(cfg.data, str(tmp_path))
-    storage, _, _ = plan_store(cfg.data, tok, str(tmp_path))
-    p = _prepare_proc(ov, {"TST_PREPARE_THROTTLE_S": "0.5"})
-    while not storage.read_json("progress.json"):
-        time.sleep(0.05)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    storage = _store_with_a_dead_writer(corpus, tmp_path)
     n = TokenStore(storage.root).tokens("train")
     L = 16
     B = n // L + 1  # one step of B rows: rank 0's half is committed, the step's end is not
@@ -295,15 +301,7 @@ def test_behind_the_writer_every_rank_waits_for_its_whole_step(corpus, tmp_path)
 
 
 def test_a_dead_writer_is_an_error_not_an_endless_wait(corpus, tmp_path):
-    ov = _overrides(corpus, tmp_path)
-    cfg = apply_overrides(Config(), ov)
-    tok = load_tokenizer(cfg.data, str(tmp_path))
-    storage, _, _ = plan_store(cfg.data, tok, str(tmp_path))
-    p = _prepare_proc(ov, {"TST_PREPARE_THROTTLE_S": "0.5"})
-    while not storage.read_json("progress.json"):
-        time.sleep(0.05)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    storage = _store_with_a_dead_writer(corpus, tmp_path)
     store = TokenStore(storage.root, writer_timeout_s=2.0)
     n = store.tokens("train")
     t0 = time.time()
