@@ -12,9 +12,11 @@ still goes to its log file):
   out waiting for GCS"): the cleaner asks the state API whether the controller is alive without an address, so
   Ray looks for a cluster in $RAY_ADDRESS, then /tmp/ray/ray_current_cluster (written only by `ray start`),
   then by listing every gcs_server process on the machine; with two Rays on the machine (another run, a test
-  session) it cannot choose and the monitor thread dies. We start the dashboard (which serves the state API)
-  on a port we pick and export RAY_API_SERVER_ADDRESS=http://127.0.0.1:PORT before `ray.init`, so the raylet
-  and every worker, the cleaner included, ask our own cluster.
+  session) it cannot choose and the monitor thread dies. A local Ray now starts no cleaner at all (it guards
+  placement groups on a cluster that outlives its controller: `ray_internals.lean_local_trainer`), nor, unless
+  asked, a dashboard; with one (scaling.ray_dashboard) we start it on a port we pick and export
+  RAY_API_SERVER_ADDRESS=http://127.0.0.1:PORT before `ray.init`, so that any state-API call of the raylet's
+  workers asks our own cluster.
 - Ray core, ERROR "Actor with class name: 'PreemptionWatcher' ... has constructor arguments in the object store
   and max_restarts > 0": Ray Train 2.60 starts a watcher for spot-node preemption (max_restarts=-1, the worker
   handles as arguments). A local Ray is one node that cannot be preempted: RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0
@@ -135,15 +137,19 @@ def free_port() -> int:
 _SET_BY_US: dict[str, str] = {}
 
 
-def local_ray_env(dashboard_port: int) -> dict[str, str]:
+def local_ray_env(dashboard_port: "int | None") -> dict[str, str]:
     """Environment for a local Ray we are about to start (the raylet and every worker inherit the driver's
-    environment at `ray.init`); the user's own values win. Returns what was set."""
+    environment at `ray.init`); the user's own values win. Returns what was set. dashboard_port: where its
+    dashboard (and so the state API) will listen; None: no dashboard."""
     wanted = {
         "RAY_AUTH_MODE": "token",
-        "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}",
         "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
         "RAY_DATA_LOGGING_CONFIG": RAY_DATA_LOGGING_YAML,
     }
+    if dashboard_port is not None:
+        wanted["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
+    elif os.environ.get("RAY_API_SERVER_ADDRESS") == _SET_BY_US.get("RAY_API_SERVER_ADDRESS"):
+        os.environ.pop("RAY_API_SERVER_ADDRESS", None)  # ours, for an earlier Ray's dashboard: point nowhere now
     set_now = {}
     for k, v in wanted.items():
         if k not in os.environ or os.environ[k] == _SET_BY_US.get(k):  # ours from an earlier ray.init: renew

@@ -82,6 +82,46 @@ def skip_unused_datasets_callback(trainer) -> bool:
     return True
 
 
+def lean_local_trainer(trainer) -> bool:
+    """Keep a `TorchTrainer` on a local Ray (one node that ends with the process that started it: `tst`'s own, the
+    test session's) from starting two actors that only serve a cluster that outlives its drivers.
+
+    - `PlacementGroupCleaner`: a detached actor that removes the placement groups of a controller that died
+      without cleaning up, on a cluster that lives on. A local Ray ends with its driver, and the controller
+      removes its placement group itself on every normal or failed end.
+    - Ray Data's `AutoscalingCoordinator`, which a fixed-size run's scaling policy asks for its workers'
+      resources (forwarded to the autoscaler as demand). A local Ray has no autoscaler.
+
+    Each is a new Ray worker process importing ray.train or ray.data (4.3 and 2.8 CPU-seconds measured on 2 cores)
+    on the way to the first step: the controller waits for the coordinator's answer when it starts and for the
+    cleaner's registration after each worker-group start, restarts included. Elastic runs keep the coordinator
+    (their policy sizes the group from it).
+
+    Relies on (Ray 2.60.0) `DataParallelTrainer._initialize_and_run_controller(**kwargs)` receiving `callbacks`
+    and `scaling_policy` from `fit`, `PlacementGroupCleanerCallback` and `FixedScalingPolicy` with its
+    `_maybe_send_resource_request` / `_send_resource_request` / `_cancel_resource_request` hooks. If Ray moves them,
+    nothing changes (both actors start as before). Returns whether the trainer is now lean."""
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+        from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
+
+        run = trainer._initialize_and_run_controller
+        policy_cls = __getattr__("NoAutoscalerFixedPolicy")  # a bare name inside the module skips __getattr__
+    except (ImportError, AttributeError):
+        return False
+
+    def initialize_and_run_controller(**kwargs):
+        kwargs["callbacks"] = [cb for cb in kwargs.get("callbacks") or []
+                               if not isinstance(cb, PlacementGroupCleanerCallback)]
+        policy = kwargs.get("scaling_policy")
+        if type(policy) is FixedScalingPolicy:
+            kwargs["scaling_policy"] = policy_cls(scaling_config=policy.scaling_config)
+        return run(**kwargs)
+
+    trainer._initialize_and_run_controller = initialize_and_run_controller
+    return True
+
+
 def set_search_properties_compat(set_search_properties, metric, mode, config, **spec) -> bool:
     """Forward `Searcher.set_search_properties` to a wrapped searcher the way Tune does for its own wrappers
     (`ray.tune.search.util._set_search_properties_backwards_compatible`, which accepts searchers written before
@@ -177,13 +217,39 @@ FAKE_PROVIDER_CLASS = "pipeline.ray_internals.BootDelayFakeProvider"
 
 
 def __getattr__(name: str):
-    """`BootDelayFakeProvider` is built on first access (the autoscaler's monitor imports it by name), so importing
-    this module does not import Ray's autoscaler."""
-    if name == "BootDelayFakeProvider":
-        cls = _boot_delay_provider()
-        globals()[name] = cls
+    """`BootDelayFakeProvider` and `NoAutoscalerFixedPolicy` are built on first access (the autoscaler's monitor and
+    a Ray Train controller find them by name), so importing this module imports neither Ray's autoscaler nor Ray
+    Train."""
+    builders = {"BootDelayFakeProvider": _boot_delay_provider, "NoAutoscalerFixedPolicy": _no_autoscaler_policy}
+    if name in builders:
+        cls = builders[name]()
+        globals()[name] = cls  # the same object on every lookup: pickled by reference, found again when unpickled
         return cls
     raise AttributeError(name)
+
+
+def _no_autoscaler_policy():
+    """Ray Train's `FixedScalingPolicy` without the AutoscalingCoordinator (see `lean_local_trainer`): the same
+    decisions (start `num_workers`, never resize), no resource requests. Built on first access, as a module
+    attribute, so that the controller that unpickles it finds it by name."""
+    from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
+
+    class NoAutoscalerFixedPolicy(FixedScalingPolicy):
+        def after_controller_start(self, train_run_context):
+            pass  # the base class creates the coordinator's client here and sends the first request
+
+        def _maybe_send_resource_request(self):
+            pass
+
+        def _send_resource_request(self):
+            pass
+
+        def _cancel_resource_request(self):
+            pass
+
+    NoAutoscalerFixedPolicy.__module__ = __name__
+    NoAutoscalerFixedPolicy.__qualname__ = "NoAutoscalerFixedPolicy"
+    return NoAutoscalerFixedPolicy
 
 
 def _boot_delay_provider():

@@ -24,16 +24,11 @@ def ray_session():
     """A local Ray shared by every test that needs one (4 logical CPUs on any machine)."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        # The dashboard serves the state API that Ray Train's placement-group cleaner polls; without it the
-        # cleaner can mistake a live controller for a dead one and remove a running trial's placement group.
-        from pipeline.ray_env import free_ports, local_ray_env
+        # As `tst` starts a local Ray (its environment; the node label that makes trainers lean: no placement-group
+        # cleaner or autoscaling-coordinator actor per run), plus the dashboard: tests read the state API.
+        from pipeline.train.ray_train import start_local_ray
 
-        (port,) = free_ports(1)
-        # what `tst` sets for a local Ray it starts (pipeline/ray_env.py): the cleaner asks this cluster's state API
-        # (others run on the machine: the chaos run's), no spot-preemption watcher actor per Ray Train run
-        local_ray_env(port)
-        ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=port, log_to_driver=False, configure_logging=False)
+        start_local_ray(4, dashboard=True, log_to_driver=False, configure_logging=False)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

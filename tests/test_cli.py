@@ -113,7 +113,8 @@ ALARMING = re.compile(r"Traceback|\b(ERROR|WARNING|CRITICAL)\b|\d\d:\d\d:\d\d,\d
 
 def test_successful_ray_train_console_is_quiet(tmp_path, ray_session):
     """A short `tst train` on its own local Ray, with the test session's Ray also running on the machine (the
-    condition under which Ray Train's placement-group cleaner printed a traceback), prints our lines only."""
+    condition under which Ray Train's placement-group cleaner printed a traceback; a local Ray now starts no
+    cleaner, pipeline.ray_internals.lean_local_trainer), prints our lines only."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "TUNE_"))}  # a user's shell
     tst = os.path.join(os.path.dirname(sys.executable), "tst")
     proc = subprocess.run([tst, "train", *TINY, "scaling.cpus_per_worker=0.5", f"run.output_dir={tmp_path}"],
@@ -124,6 +125,19 @@ def test_successful_ray_train_console_is_quiet(tmp_path, ray_session):
     assert not bad, "\n".join(bad[:40])
     assert "[tst] done: s1-T6-tiny-" in console
     assert len(re.findall(r"step 6/6 ", console)) == 1  # rank 0's last progress line, once
+
+
+def test_driver_preload_imports_no_ray():
+    """`tst train` imports pipeline.runner.DRIVER_PRELOAD in a thread while its main thread runs `ray.init`; two
+    threads importing Ray's packages at once can deadlock on Python's import locks, so the preload must not."""
+    code = ("import importlib, sys\nfrom pipeline.runner import DRIVER_PRELOAD\nbefore = set(sys.modules)\n"
+            "for m in DRIVER_PRELOAD: importlib.import_module(m)\n"
+            "print(sorted({m.split('.')[0] for m in set(sys.modules) - before}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    loaded = eval(out.stdout.strip().splitlines()[-1])  # noqa: S307 - our own print of a list of names
+    assert "torch" in loaded, loaded  # what the preload is for
+    assert not set(loaded) & {"ray", "mlflow", "pandas", "pyarrow"}, loaded
 
 
 def test_export_files_are_readable_like_any_new_file(tmp_path):

@@ -28,30 +28,25 @@ from pipeline import ray_internals
 class RayReporter:
     """A rank's reporting under Ray Train (see `pipeline.train.loop.Reporter`)."""
 
-    def __init__(self, stop_flag=None):
+    def __init__(self, stop_signal: "Optional[StopSignal]" = None):
         import ray.train
 
-        self.stop_flag = stop_flag  # the driver's StopFlag actor (None: no stop requests)
+        self.stop_signal = stop_signal  # the driver's SIGTERM (None: no stop requests)
         self._stop_polled, self._stopped = 0.0, False
         self.ctx = ray.train.get_context()
         self.rank = self.ctx.get_world_rank()
         self.is_chief = self.rank == 0
 
     def stop_requested(self) -> bool:
-        """Rank 0 asks the driver's StopFlag actor, at most once a second (the loop all-reduces the answer)."""
+        """Rank 0 asks whether the driver got a SIGTERM, at most once a second (the loop all-reduces the answer)."""
         import time
 
-        if self.stop_flag is None:
+        if self.stop_signal is None:
             return False
         now = time.monotonic()
-        if now - self._stop_polled >= 1.0:
-            import ray
-
+        if not self._stopped and now - self._stop_polled >= 1.0:
             self._stop_polled = now
-            try:
-                self._stopped = self._stopped or bool(ray.get(self.stop_flag.get.remote(), timeout=5))
-            except Exception:  # noqa: BLE001 - the driver is gone: nothing to stop for; Ray ends the run anyway
-                pass
+            self._stopped = self.stop_signal.requested()
         return self._stopped
 
     def staging_dir(self, step: int) -> str:
@@ -136,7 +131,7 @@ def train_worker(config: dict) -> None:
             with open(tmp, "w") as f:
                 f.write(config["tokenizer_json"])
             os.replace(tmp, tok_path)
-    train(cfg, config["source"], RayReporter(config.get("stop_flag")), vocab_size=config["vocab_size"],
+    train(cfg, config["source"], RayReporter(config.get("stop_signal")), vocab_size=config["vocab_size"],
           device=device, tokenizer_path=tok_path)
 
 
@@ -190,29 +185,63 @@ class MetricsCallback(UserCallback):
                   f" — restarting from the last checkpoint if failures remain", flush=True)
 
 
-def stop_flag_actor():
-    """A tiny actor the driver sets on SIGTERM and rank 0 polls (pipeline.train.loop: checkpoint, then leave).
+class _StopRequested:
+    """A Ray actor that exists only while its driver asks its run to stop: its name is the message."""
 
-    Pinned to the driver's node (the head on a cluster): a 0-CPU actor may otherwise land on any node, and on an
-    autoscaling cluster it landed on a CPU data node, which it kept from going idle for the whole run (found by
-    tests/test_autoscale.py; a lost data node would also have taken the flag with it)."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    def ping(self) -> bool:
+        return True
 
-    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
 
-    @ray.remote(num_cpus=0, scheduling_strategy=here)
-    class StopFlag:
-        def __init__(self):
-            self.value = False
+class StopSignal:
+    """The driver's SIGTERM, passed to its ranks (pipeline.train.loop: checkpoint at the end of the step, leave).
 
-        def set(self):
-            self.value = True
+    The driver creates a named actor (`_StopRequested`) only when it is asked to stop; rank 0 looks the name up at
+    most once a second (`RayReporter.stop_requested`) and the loop all-reduces the answer. Until a stop nothing
+    runs: the flag actor it replaces was one more Ray worker process at every start of every Ray run (1.4
+    CPU-seconds on 2 cores, measured 2026-12-03). Each driver has its own name, so a resumed run never sees an
+    earlier driver's request. Pickled to the workers as its name only.
 
-        def get(self):
-            return self.value
+    The actor is pinned to the driver's node (the head on a cluster): a 0-CPU actor may otherwise land on any node,
+    and on an autoscaling cluster it landed on a CPU data node, which it kept from going idle for the whole run
+    (found by tests/test_autoscale.py; a lost data node would also have taken the request with it)."""
 
-    return StopFlag.remote()
+    NAMESPACE = "tst"
+
+    def __init__(self):
+        import uuid
+
+        self.name = f"tst-stop-{uuid.uuid4().hex[:16]}"
+        self._actor = None
+
+    def __getstate__(self):
+        return {"name": self.name, "_actor": None}  # the handle stays with the driver
+
+    def request(self) -> None:
+        """Driver: ask the ranks to stop (idempotent; safe from a signal handler: the actor is made in a thread)."""
+        import threading
+
+        if self._actor is not None:
+            return
+        self._actor = "starting"
+        threading.Thread(target=self._create, name="tst-stop-request", daemon=True).start()
+
+    def _create(self) -> None:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        self._actor = ray.remote(num_cpus=0)(_StopRequested).options(
+            name=self.name, namespace=self.NAMESPACE, scheduling_strategy=here).remote()
+
+    def requested(self) -> bool:
+        """A rank: whether the driver asked to stop (one lookup in Ray's GCS; False if it cannot tell)."""
+        import ray
+
+        try:
+            ray.get_actor(self.name, namespace=self.NAMESPACE)
+        except Exception:  # noqa: BLE001 - ValueError: no request (or the driver is gone: Ray ends the run anyway)
+            return False
+        return True
 
 
 def _first_line(exc: BaseException) -> str:
@@ -222,7 +251,7 @@ def _first_line(exc: BaseException) -> str:
 
 def build_trainer(cfg, *, source, vocab_size: int, tokenizer_json: Optional[str], run_name: str, run_dir: str,
                   storage_path: str, tracking_uri: Optional[str], mlflow_run_id: Optional[str],
-                  extra_callbacks: Optional[list] = None, console: bool = True, stop_flag=None):
+                  extra_callbacks: Optional[list] = None, console: bool = True, stop_signal=None):
     """A `TorchTrainer` for the config (no fit)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -254,14 +283,52 @@ def build_trainer(cfg, *, source, vocab_size: int, tokenizer_json: Optional[str]
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg.to_dict(), "source": source, "vocab_size": vocab_size,
-                           "tokenizer_json": tokenizer_json, "stop_flag": stop_flag,
+                           "tokenizer_json": tokenizer_json, "stop_signal": stop_signal,
                            "env": {k: v for k, v in os.environ.items() if k.startswith("TST_")}},
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo", timeout_s=sc.collective_timeout_s),
         scaling_config=scaling,
         run_config=run_config,
     )
     ray_internals.skip_unused_datasets_callback(trainer)  # no `datasets`: no idle DatasetManager per (re)start
+    if on_local_ray():  # no placement-group cleaner, no autoscaler requests: nothing outlives this Ray
+        ray_internals.lean_local_trainer(trainer)
     return trainer
+
+
+LOCAL_RAY_LABEL = "tst-local-ray"  # node label of a Ray started by `start_local_ray` (value "1")
+
+
+def start_local_ray(num_cpus: int, *, dashboard: bool = False, **init_kwargs) -> None:
+    """`ray.init` of a local Ray (one node that ends with this process) with only what a run needs, as `tst` starts
+    it when $RAY_ADDRESS is unset (the test session's Ray too).
+
+    - No dashboard unless asked (scaling.ray_dashboard): its web server and its eight module processes cost ~1.5 s
+      of `ray.init` and ~5 CPU-seconds on 2 cores (measured 2026-12-03), and a local run reads its progress from
+      the console and MLflow. (Ray still starts a minimal dashboard process that only reports usage stats.) With
+      the dashboard, its port is picked here and exported for the state API (pipeline/ray_env.py).
+    - The node is labelled LOCAL_RAY_LABEL, so that any process of this Ray (the driver, a Tune trial) knows it
+      is on such a Ray (`on_local_ray`) and starts its trainers lean (`ray_internals.lean_local_trainer`).
+    """
+    import ray
+
+    from pipeline.ray_env import free_port, local_ray_env, ray_train_env
+
+    ray_train_env()  # before ray.init: the local raylet, and so the Ray Train controller, inherit it
+    port = free_port() if dashboard else None
+    local_ray_env(port)
+    kwargs = {"dashboard_host": "127.0.0.1", "dashboard_port": port} if dashboard else {}
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, labels={LOCAL_RAY_LABEL: "1"},
+             **kwargs, **init_kwargs)
+
+
+def on_local_ray() -> bool:
+    """Whether this process is connected to a Ray that `start_local_ray` started (its node carries the label)."""
+    import ray
+
+    try:
+        return ray.get_runtime_context().get_node_labels().get(LOCAL_RAY_LABEL) == "1"
+    except Exception:  # noqa: BLE001 - not connected, or an older Ray without labels
+        return False
 
 
 RESERVATIONS_FILE = "ray_train_reservations.txt"  # in the run folder: one controller's requester id a line
@@ -305,15 +372,7 @@ def ensure_ray(cfg) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        from pipeline.ray_env import free_port, local_ray_env, ray_train_env
-
-        ray_train_env()  # before ray.init: the local raylet, and so the Ray Train controller, inherit it
-        # The dashboard also serves the state API that Ray Train's placement-group cleaner polls; its port is
-        # exported (RAY_API_SERVER_ADDRESS) so the cleaner asks this cluster, not another Ray on the machine.
-        port = free_port()
-        local_ray_env(port)
-        ray.init(address="local", num_cpus=cfg.scaling.ray_num_cpus or max(4, os.cpu_count() or 1),
-                 include_dashboard=True, dashboard_port=port)
+        start_local_ray(cfg.scaling.ray_num_cpus or max(4, os.cpu_count() or 1), dashboard=cfg.scaling.ray_dashboard)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
