@@ -373,3 +373,25 @@ def test_mask_doc_boundary_values_on_hand_built_windows(shared_out, tmp_path):
     loss, _ = tr.train_step(0, (window, docs))
     assert loss == pytest.approx(want.item(), rel=1e-5)
     assert crossed.item() - want.item() > 1e-2 * want.item()  # so the check above can see the two ignores
+
+
+def test_stop_signal_is_a_name_until_the_driver_asks(ray_session):
+    """The driver's SIGTERM reaches its ranks as a named actor made only then (pipeline.train.ray_train.StopSignal):
+    nothing runs before, a rank's pickled copy carries only the name, and a second request changes nothing."""
+    import pickle
+    import time
+
+    from pipeline.train.ray_train import StopSignal
+
+    sig = StopSignal()
+    rank_copy = pickle.loads(pickle.dumps(sig))
+    assert rank_copy.name == sig.name and rank_copy._actor is None
+    assert not rank_copy.requested() and not StopSignal().requested()
+    sig.request()
+    deadline = time.monotonic() + 60
+    while not rank_copy.requested():
+        assert time.monotonic() < deadline, "the stop request never became visible"
+        time.sleep(0.1)
+    sig.request()  # idempotent: one actor
+    assert StopSignal().requested() is False  # another driver's name: not asked
+    ray_session.kill(sig._actor)
