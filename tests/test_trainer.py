@@ -252,14 +252,45 @@ def test_ray_runs_read_the_plain_loops_windows_and_match_it_across_a_failure_and
 
     # two worker-group starts (two runs), and none of the actors Ray Train 2.60 would start beside them for nothing:
     # a DatasetManager per start (the trainer has no `datasets`: pipeline.ray_internals.skip_unused_datasets_callback),
-    # and, on this local Ray (pipeline.ray_internals.lean_local_trainer), a PlacementGroupCleaner per run and the
-    # AutoscalingCoordinator that a fixed-size run asks for resources
+    # and, on this local Ray (pipeline.ray_internals.lean_local_trainer), a PlacementGroupCleaner per run. (The
+    # AutoscalingCoordinator it no longer asks is checked below: Ray Data's own prepares in this session start one.)
     from ray.util.state import list_actors
 
     here = ray_session.get_runtime_context().gcs_address  # this session's Ray (others may run on the machine)
     names = set(a.class_name for a in list_actors(address=here, limit=10000, raise_on_missing_output=False))
     assert "RayTrainWorker" in names, sorted(names)
-    assert not names & {"DatasetManager", "PlacementGroupCleaner", "_AutoscalingCoordinatorActor"}, sorted(names)
+    assert not names & {"DatasetManager", "PlacementGroupCleaner"}, sorted(names)
+
+
+def test_lean_local_trainer_hands_ray_train_no_cleaner_and_a_policy_that_asks_no_autoscaler(ray_session):
+    """What `lean_local_trainer` changes in a real TorchTrainer's `fit` (Ray 2.60's own callbacks and policy): Ray's
+    controller gets the default callbacks minus the placement-group cleaner, and a fixed-size policy that makes the
+    same decision without a word to the AutoscalingCoordinator; an elastic policy is left as it is."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy, FixedScalingPolicy
+
+    from pipeline import ray_internals
+
+    def handed(num_workers):
+        trainer = TorchTrainer(lambda: None, scaling_config=ray.train.ScalingConfig(num_workers=num_workers))
+        seen = {}
+        trainer._initialize_and_run_controller = lambda **kw: seen.update(kw) or type("R", (), {"error": None})()
+        assert ray_internals.lean_local_trainer(trainer)
+        trainer.fit()  # our wrapper, then the recorder in place of Ray's controller
+        return seen
+
+    seen = handed(2)
+    assert not any(isinstance(cb, PlacementGroupCleanerCallback) for cb in seen["callbacks"])
+    assert len(seen["callbacks"]) >= 2  # Ray's other default callbacks stay (backend set-up, accelerators, ...)
+    policy = seen["scaling_policy"]
+    assert isinstance(policy, FixedScalingPolicy) and type(policy) is not FixedScalingPolicy
+    assert type(policy) is ray_internals.NoAutoscalerFixedPolicy  # found again by name: what the controller unpickles
+    policy.after_controller_start(None)  # the base class would create the coordinator's client and ask it here
+    assert policy._coordinator_client is None
+    assert policy.make_decision_for_non_running_worker_group().num_workers == 2  # the same decision
+    assert type(handed((1, 2))["scaling_policy"]) is ElasticScalingPolicy
 
 
 def test_mlflow_records_params_metrics_artifacts_and_backfills(shared_out, tmp_path):
