@@ -44,8 +44,8 @@ still goes to its log file):
   driver to its controller and workers; set by `ray_train_env` before every fit, on a cluster too): a print is
   one line again (measured: 2 copies with the patch, 1 without).
 
-Kept on purpose: Ray's INFO "Started a local Ray instance. View the dashboard at ..." (where the dashboard is),
-and every WARNING or ERROR that is not one of the above.
+Kept on purpose: Ray's INFO "Started a local Ray instance." (with scaling.ray_dashboard=true: "View the dashboard
+at ...", where it is), and every WARNING or ERROR that is not one of the above.
 """
 
 from __future__ import annotations
