@@ -69,14 +69,23 @@ def skip_unused_datasets_callback(trainer) -> bool:
     try:
         from ray.train.v2._internal.callbacks import DatasetsCallback
 
-        make = trainer._create_default_callbacks
         if trainer.datasets:
             return False
     except (ImportError, AttributeError):
         return False
+    return _drop_default_callbacks(trainer, DatasetsCallback)
+
+
+def _drop_default_callbacks(trainer, *classes) -> bool:
+    """Leave the callbacks of these classes out of what the trainer's `_create_default_callbacks` (Ray 2.60) hands
+    its controller, at every `fit`. Returns False (nothing changed) if the trainer has no such method."""
+    try:
+        make = trainer._create_default_callbacks
+    except AttributeError:
+        return False
 
     def create_default_callbacks():
-        return [cb for cb in make() if not isinstance(cb, DatasetsCallback)]
+        return [cb for cb in make() if not isinstance(cb, classes)]
 
     trainer._create_default_callbacks = create_default_callbacks
     return True
@@ -97,10 +106,11 @@ def lean_local_trainer(trainer) -> bool:
     cleaner's registration after each worker-group start, restarts included. Elastic runs keep the coordinator
     (their policy sizes the group from it).
 
-    Relies on (Ray 2.60.0) `DataParallelTrainer._initialize_and_run_controller(**kwargs)` receiving `callbacks`
-    and `scaling_policy` from `fit`, `PlacementGroupCleanerCallback` and `FixedScalingPolicy` with its
-    `_maybe_send_resource_request` / `_send_resource_request` / `_cancel_resource_request` hooks. If Ray moves them,
-    nothing changes (both actors start as before). Returns whether the trainer is now lean."""
+    Relies on (Ray 2.60.0) the trainer's `_create_default_callbacks` (as `skip_unused_datasets_callback`),
+    `DataParallelTrainer._initialize_and_run_controller(**kwargs)` receiving `scaling_policy` from `fit`,
+    `PlacementGroupCleanerCallback` and `FixedScalingPolicy` with its `_maybe_send_resource_request` /
+    `_send_resource_request` / `_cancel_resource_request` hooks. If Ray moves them, nothing changes (both actors
+    start as before). Returns whether the trainer is now lean."""
     try:
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
         from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
@@ -109,10 +119,10 @@ def lean_local_trainer(trainer) -> bool:
         policy_cls = __getattr__("NoAutoscalerFixedPolicy")  # a bare name inside the module skips __getattr__
     except (ImportError, AttributeError):
         return False
+    if not _drop_default_callbacks(trainer, PlacementGroupCleanerCallback):
+        return False
 
     def initialize_and_run_controller(**kwargs):
-        kwargs["callbacks"] = [cb for cb in kwargs.get("callbacks") or []
-                               if not isinstance(cb, PlacementGroupCleanerCallback)]
         policy = kwargs.get("scaling_policy")
         if type(policy) is FixedScalingPolicy:
             kwargs["scaling_policy"] = policy_cls(scaling_config=policy.scaling_config)

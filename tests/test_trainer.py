@@ -425,4 +425,4 @@ def test_stop_signal_is_a_name_until_the_driver_asks(ray_session):
         time.sleep(0.1)
     sig.request()  # idempotent: one actor
     assert StopSignal().requested() is False  # another driver's name: not asked
-    ray_session.kill(sig._actor)
+    ray_session.kill(ray_session.get_actor(sig.name, namespace=StopSignal.NAMESPACE))

@@ -211,18 +211,19 @@ class StopSignal:
         import uuid
 
         self.name = f"tst-stop-{uuid.uuid4().hex[:16]}"
-        self._actor = None
+        self._asked = False
+        self._actor = None  # the driver's handle, once made (a named actor lives while a handle does)
 
     def __getstate__(self):
-        return {"name": self.name, "_actor": None}  # the handle stays with the driver
+        return {"name": self.name, "_asked": False, "_actor": None}  # the request and its handle stay with the driver
 
     def request(self) -> None:
         """Driver: ask the ranks to stop (idempotent; safe from a signal handler: the actor is made in a thread)."""
         import threading
 
-        if self._actor is not None:
+        if self._asked:
             return
-        self._actor = "starting"
+        self._asked = True
         threading.Thread(target=self._create, name="tst-stop-request", daemon=True).start()
 
     def _create(self) -> None:
