@@ -9,6 +9,7 @@ Ray, check each `from ray... import` below still resolves (tests/test_cli.py exe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 
@@ -130,6 +131,40 @@ def lean_local_trainer(trainer) -> bool:
 
     trainer._initialize_and_run_controller = initialize_and_run_controller
     return True
+
+
+@contextlib.contextmanager
+def lean_local_head(*, api_server: bool):
+    """Inside it, `ray.init` of a local Ray starts its head without the processes that only serve a cluster or a
+    person: the autoscaler monitor (`monitor.py`; a local Ray has nothing to scale) and, unless `api_server`, the
+    dashboard's API server (`dashboard.py`; with `include_dashboard=False` Ray 2.60 still starts it, loading only
+    its usage-stats module, which logged "Usage reporting is disabled" here).
+
+    Each is a Python process that imports half of Ray while the head starts on the same cores, and `ray.init`
+    waits, polling every 0.1 s, until the API server has written its address (1.6 s of a 5.1 s `ray.init`,
+    profiled on 2 cores, 2026-12-03). Without them the local Ray serves drivers, tasks, actors, logs and runtime
+    environments as before; `ray status` and the dashboard's state API are what is missing, and
+    scaling.ray_dashboard=true brings the API server back.
+
+    Relies on (Ray 2.60.0) `ray._private.node.Node.start_monitor()` and `.start_api_server(...)`, both called by
+    the head's `start_head_processes` and both optional there (Ray's own `no_monitor` parameter, not reachable
+    from `ray.init`; a head without an API server keeps `webui_url` None). If Ray renames them, nothing changes:
+    both processes start as before."""
+    try:
+        from ray._private.node import Node
+
+        saved = {name: Node.__dict__[name] for name in ("start_monitor", "start_api_server")}
+    except (ImportError, KeyError):
+        yield
+        return
+    Node.start_monitor = lambda self: None
+    if not api_server:
+        Node.start_api_server = lambda self, **kwargs: None
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(Node, name, fn)
 
 
 def set_search_properties_compat(set_search_properties, metric, mode, config, **spec) -> bool:

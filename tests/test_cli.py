@@ -127,6 +127,52 @@ def test_successful_ray_train_console_is_quiet(tmp_path, ray_session):
     assert len(re.findall(r"step 6/6 ", console)) == 1  # rank 0's last progress line, once
 
 
+LOCAL_RAY_PROBE = """
+import json, os, ray
+from pipeline.train.ray_train import start_local_ray
+start_local_ray(4)
+@ray.remote(num_cpus=0, runtime_env={"env_vars": {"TST_PROBE": "yes"}})  # as Ray Train starts its actors
+class Probe:
+    def env(self):
+        return os.environ.get("TST_PROBE")
+works = [ray.get(Probe.remote().env.remote()), ray.get(ray.remote(lambda: 2).remote())]
+session = ray._private.worker._global_node.get_session_dir_path()  # no public API names it
+logs = sorted(os.listdir(os.path.join(session, "logs")))
+procs = []
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\\0", b" ").decode()
+    except OSError:
+        continue
+    if os.path.basename(session) in cmd:
+        procs.append(cmd)
+print(json.dumps({"works": works, "logs": logs, "procs": procs}))
+"""
+
+
+def test_local_ray_starts_only_what_a_run_needs():
+    """`start_local_ray` (what `tst` starts when $RAY_ADDRESS is unset) runs no autoscaler monitor, no dashboard API
+    server and prestarts no idle workers, and still runs a task and an actor with its own runtime env (Ray Train's
+    controller and workers are such actors). Ray's head processes are told apart by their files in the session's
+    logs folder (one `<process>.log`/`.out` each; a prestarted worker's log names no job, `-ffffffff-`) and by
+    their command lines."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "TUNE_"))}  # a user's shell
+    proc = subprocess.run([sys.executable, "-c", LOCAL_RAY_PROBE], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["works"] == ["yes", 2]
+    assert "raylet.out" in seen["logs"] and "log_monitor.log" in seen["logs"], seen["logs"]  # the Ray it inspects
+    assert not [f for f in seen["logs"] if f.startswith(("monitor.", "dashboard."))], seen["logs"]
+    assert not [f for f in seen["logs"] if f.startswith("worker-") and "-ffffffff-" in f], seen["logs"]
+    assert any("/raylet" in c for c in seen["procs"]), seen["procs"]
+    head_only = ("/autoscaler/_private/monitor.py", "/dashboard/dashboard.py")  # not log_monitor.py, dashboard/agent.py
+    assert not [c for c in seen["procs"] if any(p in c for p in head_only)], seen["procs"]
+
+
 def test_driver_preload_imports_no_ray():
     """`tst train` imports pipeline.runner.DRIVER_PRELOAD in a thread while its main thread runs `ray.init`; two
     threads importing Ray's packages at once can deadlock on Python's import locks, so the preload must not."""

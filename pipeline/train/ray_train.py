@@ -305,8 +305,10 @@ def start_local_ray(num_cpus: int, *, dashboard: bool = False, **init_kwargs) ->
 
     - No dashboard unless asked (scaling.ray_dashboard): its web server and its eight module processes cost ~1.5 s
       of `ray.init` and ~5 CPU-seconds on 2 cores (measured 2026-12-03), and a local run reads its progress from
-      the console and MLflow. (Ray still starts a minimal dashboard process that only reports usage stats.) With
-      the dashboard, its port is picked here and exported for the state API (pipeline/ray_env.py).
+      the console and MLflow. With the dashboard, its port is picked here and exported for the state API
+      (pipeline/ray_env.py).
+    - No autoscaler monitor, no usage-stats API server (`ray_internals.lean_local_head`) and no prestarted idle
+      workers: processes that only serve a cluster, or that nothing here uses.
     - The node is labelled LOCAL_RAY_LABEL, so that any process of this Ray (the driver, a Tune trial) knows it
       is on such a Ray (`on_local_ray`) and starts its trainers lean (`ray_internals.lean_local_trainer`).
     """
@@ -318,8 +320,13 @@ def start_local_ray(num_cpus: int, *, dashboard: bool = False, **init_kwargs) ->
     port = free_port() if dashboard else None
     local_ray_env(port)
     kwargs = {"dashboard_host": "127.0.0.1", "dashboard_port": port} if dashboard else {}
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, labels={LOCAL_RAY_LABEL: "1"},
-             **kwargs, **init_kwargs)
+    # No idle workers prestarted for the first driver: Ray Train's controller and workers carry their own runtime
+    # env (env_vars), so they never reuse them, and a `tst data prepare` measured no slower without them (23.7-27.6 s
+    # with either, 2026-12-03); on 2 cores their two imports of Ray slowed `ray.init` and the controller's start.
+    system_config = {"prestart_worker_first_driver": False, **init_kwargs.pop("_system_config", {})}
+    with ray_internals.lean_local_head(api_server=dashboard):
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, labels={LOCAL_RAY_LABEL: "1"},
+                 _system_config=system_config, **kwargs, **init_kwargs)
 
 
 def on_local_ray() -> bool:
