@@ -2,8 +2,9 @@
 recipe, MLflow runs that open as a training experiment with names and params that tell runs apart, and a quiet
 console for a successful `tst train` on a local Ray.
 
-Real pieces: the `tst` parser, the bundled corpus and a BPE trained on it, MLflow on SQLite, and (last test) a
-real `tst train` in a subprocess that starts its own Ray while the test session's Ray is also up.
+Real pieces: the `tst` parser, the bundled corpus and a BPE trained on it, MLflow on SQLite, a real `tst train` in a
+subprocess that starts its own Ray while the test session's Ray is also up, and a local Ray started as `tst` starts
+it, whose processes are read from /proc.
 """
 
 import os
@@ -17,6 +18,11 @@ TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "mode
         "model.intermediate_size=128", "data.max_documents=300", "data.tokenizer=bpe:512", "data.seq_len=32",
         "data.val_windows=8", "train.steps=6", "train.global_batch_size=4", "train.warmup_steps=2",
         "train.log_every=2", "train.eval_every=3", "train.checkpoint_every=3"]
+
+
+def user_shell_env() -> dict:
+    """This process's environment without the test session's Ray, MLflow and Tune settings: a user's shell."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "TUNE_"))}
 
 
 def help_text(*argv) -> None:
@@ -115,7 +121,7 @@ def test_successful_ray_train_console_is_quiet(tmp_path, ray_session):
     """A short `tst train` on its own local Ray, with the test session's Ray also running on the machine (the
     condition under which Ray Train's placement-group cleaner printed a traceback; a local Ray now starts no
     cleaner, pipeline.ray_internals.lean_local_trainer), prints our lines only."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "TUNE_"))}  # a user's shell
+    env = user_shell_env()
     tst = os.path.join(os.path.dirname(sys.executable), "tst")
     proc = subprocess.run([tst, "train", *TINY, "scaling.cpus_per_worker=0.5", f"run.output_dir={tmp_path}"],
                           env=env, capture_output=True, text=True, timeout=1200)
@@ -159,7 +165,7 @@ def test_local_ray_starts_only_what_a_run_needs():
     their command lines."""
     import json
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "TUNE_"))}  # a user's shell
+    env = user_shell_env()
     proc = subprocess.run([sys.executable, "-c", LOCAL_RAY_PROBE], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
