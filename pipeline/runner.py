@@ -274,28 +274,6 @@ def _fit_local(cfg, paths, source, tok, tracker, console, on_metrics=None, devic
                  checkpoints=checkpoints)
 
 
-def machine_info() -> dict:
-    """What a run's float32 numerics depend on beyond its config and seed: the CPU and the kernels torch picks for
-    it. Two runs of one config agreed bit for bit on one machine but not across sessions at 13M (docs/crossover.md):
-    this is recorded so that such a pair can be told apart."""
-    import hashlib
-    import platform
-
-    import torch
-
-    cpu, flags = platform.processor() or "", ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = f.read().splitlines()
-        cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), cpu)
-        flags = next((ln.split(":", 1)[1] for ln in lines if ln.startswith("flags")), "")
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
-            "cores": os.cpu_count(),  # a VM's model name is often generic: its ISA flags tell two hosts apart
-            "cpu_flags_sha256": hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:12]}
-
-
 def train_in_process(cfg: Config, name: Optional[str] = None, *, console: bool = True, device=None,
                      checkpoints: bool = True, on_metrics=None, quiet_warnings: bool = True) -> dict:
     """One run through the Ray-free loop (`run_training(use_ray=False)`) for scripts and studies (bench/speedup.py,
@@ -315,12 +293,11 @@ def train_in_process(cfg: Config, name: Optional[str] = None, *, console: bool =
     summary["compute_s"] = time.perf_counter() - t0
     summary["loadavg_start"], summary["loadavg_end"] = list(load0), list(os.getloadavg())
     summary["threads"] = cfg.train.threads
-    summary["machine"] = machine_info()
     p = os.path.join(summary.get("run_dir") or run_paths(cfg, name).run_dir, "summary.json")
     if os.path.isfile(p):  # keep the load and process time with the run (read back by a study's --reuse)
         with open(p) as f:
             on_disk = json.load(f)
-        on_disk.update({k: summary[k] for k in ("compute_s", "loadavg_start", "loadavg_end", "threads", "machine")})
+        on_disk.update({k: summary[k] for k in ("compute_s", "loadavg_start", "loadavg_end", "threads")})
         with open(p, "w") as f:
             json.dump(on_disk, f, indent=1, default=str)
     if summary.get("status") not in (None, "finished"):

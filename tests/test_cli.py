@@ -7,6 +7,8 @@ subprocess that starts its own Ray while the test session's Ray is also up, and 
 it, whose processes are read from /proc.
 """
 
+import glob
+import json
 import os
 import re
 import subprocess
@@ -131,6 +133,10 @@ def test_successful_ray_train_console_is_quiet(tmp_path, ray_session):
     assert not bad, "\n".join(bad[:40])
     assert "[tst] done: s1-T6-tiny-" in console
     assert len(re.findall(r"step 6/6 ", console)) == 1  # rank 0's last progress line, once
+    (summary,) = glob.glob(os.path.join(tmp_path, "runs", "s1-T6-tiny-*", "summary.json"))
+    with open(summary) as f:  # rank 0's machine came through Ray Train's report (its numerics depend on it)
+        machine = json.load(f)["machine"]
+    assert machine["cpu_capability"] and len(machine["cpu_flags_sha256"]) == 12
 
 
 LOCAL_RAY_PROBE = """

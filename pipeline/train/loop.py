@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from pipeline.train.checkpoint import CHECKPOINT_FORMAT
 from pipeline.config import Config
-from pipeline.train.metrics import StepTimer, peak_flops_for
+from pipeline.train.metrics import StepTimer, machine_info, peak_flops_for
 
 PHASES = ("superposition", "recovery")
 
@@ -422,6 +422,7 @@ class Trainer:
             "switch_step": self.switch_step,
             "epochs": self.source.epoch_at(self.state.step),
             "world_size": self.world_size,
+            "machine": machine_info(),  # the float numerics depend on it (tst demo differs by host in the 3rd digit)
         }
         if status == "nonfinite":
             summary["message"] = (

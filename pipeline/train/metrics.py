@@ -5,7 +5,8 @@ the Ray Train controller through a callback), never from every worker; the loop 
 
 FLOPs per latent position come from `Transformer.flops_per_position` (the design notes' count, causal attention
 counted once); embedding lookups cost nothing, so a superposition step costs the FLOPs of a recovery step.
-`phase_figures` reads a phase's steady throughput back from the logged intervals.
+`phase_figures` reads a phase's steady throughput back from the logged intervals; `machine_info` describes the
+machine a run's numerics came from.
 """
 
 from __future__ import annotations
@@ -16,6 +17,31 @@ import os
 import sys
 import time
 from typing import Any, Optional
+
+
+def machine_info() -> dict:
+    """What a run's float32 numerics depend on beyond its config and seed: the CPU and the kernels torch picks for
+    it. Two runs of one config agreed bit for bit on one machine but not across sessions at 13M (docs/crossover.md),
+    and `tst demo` gives 5.2666 / 5.7276 on one host and 5.2665 / 5.7448 on others at the same commit (README):
+    the loop's final record carries this (rank 0's machine), so such a pair can be told apart."""
+    import hashlib
+    import platform
+
+    import torch
+
+    cpu, flags = platform.processor() or "", ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().splitlines()
+        cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), cpu)
+        flags = next((ln.split(":", 1)[1] for ln in lines if ln.startswith("flags")), "")
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+            "cores": os.cpu_count(),  # a VM's model name is often generic: its ISA flags tell two hosts apart
+            "cpu_flags_sha256": hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:12],
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
 
 # Dense bf16 peak FLOP/s from the datasheets, by substring of torch.cuda.get_device_name().
 PEAK_BF16_FLOPS = {
