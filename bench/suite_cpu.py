@@ -17,14 +17,8 @@ import time
 
 import pytest
 
-HZ = os.sysconf("SC_CLK_TCK")
-
-
-def busy_cpu_s() -> float:
-    """CPU-seconds the whole machine has spent busy since boot (everything but idle and iowait)."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:9]]
-    return (sum(v) - v[3] - v[4]) / HZ
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pipeline.study.overhead import busy_cpu_s  # noqa: E402 - after the repo is on the path
 
 
 class CpuAccount:

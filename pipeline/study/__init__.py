@@ -11,6 +11,8 @@ compares them.
                  step (bench/speedup.py is its command line; the crossover study of issue 19 builds on it)
     pair.py      measured runs on a token store folder (FSDP2 on one rank, no checkpoint writes) and the figures
                  of an equal-FLOPs pair of them from their logged records (bench/gpu_check.py's train and compare)
+    overhead.py  what Ray costs a user: the tiny run's start-up (clock and busy CPU-seconds) and steady steps/s,
+                 plain loop against the Ray path, each a real `tst train` (bench/overhead.py is its command line)
 
 Every module here imports only the standard library at import time; each function imports what it uses (the
 Ray-free loop, torch), so a torch-only GPU machine can run them on a token store folder.
