@@ -186,7 +186,7 @@ def run_training(cfg: Config, *, use_ray: bool = True, name: Optional[str] = Non
 
         mode = data_mode or ("ray" if use_ray else "local")
         if use_ray or mode == "ray":
-            from pipeline.train.ray_train import ensure_ray
+            from pipeline.ray_session import ensure_ray
 
             _import_in_background(*DRIVER_PRELOAD)
             ensure_ray(cfg)  # the prepare (Ray Data) and the TorchTrainer need a running Ray

@@ -26,7 +26,7 @@ def ray_session():
     if not ray.is_initialized():
         # As `tst` starts a local Ray (its environment; the node label that makes trainers lean: no placement-group
         # cleaner or autoscaling-coordinator actor per run), plus the dashboard: tests read the state API.
-        from pipeline.train.ray_train import start_local_ray
+        from pipeline.ray_session import start_local_ray
 
         start_local_ray(4, dashboard=True, log_to_driver=False, configure_logging=False)
     from ray.data import DataContext

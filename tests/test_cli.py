@@ -141,7 +141,7 @@ def test_successful_ray_train_console_is_quiet(tmp_path, ray_session):
 
 LOCAL_RAY_PROBE = """
 import json, os, ray
-from pipeline.train.ray_train import start_local_ray
+from pipeline.ray_session import start_local_ray
 start_local_ray(4)
 @ray.remote(num_cpus=0, runtime_env={"env_vars": {"TST_PROBE": "yes"}})  # as Ray Train starts its actors
 class Probe:

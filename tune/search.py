@@ -145,7 +145,7 @@ def run_search(spec: SearchSpec, *, cli_overrides: Optional[list] = None, consol
                callbacks: Optional[list] = None, resume: Optional[bool] = None) -> SearchOutcome:
     """Run (or restore and finish) a search; print and log the table. `resume=None`: restore when a search of
     this name with the same spec exists; True: it must exist; False: it must not."""
-    from pipeline.train.ray_train import ensure_ray
+    from pipeline.ray_session import ensure_ray
 
     s = _settle(spec, cli_overrides)
     saved, restoring = _find_saved(s, resume)

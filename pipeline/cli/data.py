@@ -104,7 +104,7 @@ def _store_mode(cfg, tok, no_ray: bool) -> str:
     storage, _, _ = plan_store(cfg.data, tok, cfg.run.output_dir)
     if storage.exists(INDEX):
         return "local"
-    from pipeline.train.ray_train import ensure_ray
+    from pipeline.ray_session import ensure_ray
 
     ensure_ray(cfg)
     return "ray"
