@@ -33,7 +33,7 @@ def busy_cpu_s() -> float:
 class BusySampler:
     """Samples (time, busy_cpu_s()) every `every` seconds in a thread while in a `with` block; `between(t0, t1)` is
     the machine's busy CPU-seconds between two instants inside the block, interpolated linearly between samples.
-    The sampler itself costs ~0.1 ms of CPU a sample."""
+    The sampler itself costs ~0.03 ms of CPU a sample (measured on 2 cores, 2026-12-03)."""
 
     def __init__(self, every: float = 0.1):
         self.every = every
@@ -101,9 +101,10 @@ UNSETTLED = ("_private/workers/setup_worker.py", "_private/workers/default_worke
 
 class ProcessSampler(BusySampler):
     """BusySampler that also samples the CPU-seconds (user + system) of every process started after the block
-    began, from /proc/PID/stat, every `every` seconds (it reads every /proc entry: keep `every` >= 0.25 s on small
-    machines), until `until()` is true. `by_process(t)` is each one's CPU at its last sample at or before t, summed
-    by `process_label`: a process that exits between samples loses at most `every` seconds of its CPU."""
+    began, from /proc/PID/stat, every `every` seconds (it reads every /proc entry: ~2 ms of CPU a scan of 70
+    processes, so ~1% of a core at 0.25 s), until `until()` is true. `by_process(t)` is each one's CPU at its last
+    sample at or before t, summed by `process_label`: a process that exits between samples loses at most `every`
+    seconds of its CPU."""
 
     def __init__(self, every: float = 0.25, until=None):
         super().__init__(every)
