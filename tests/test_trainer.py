@@ -426,3 +426,28 @@ def test_stop_signal_is_a_name_until_the_driver_asks(ray_session):
     sig.request()  # idempotent: one actor
     assert StopSignal().requested() is False  # another driver's name: not asked
     ray_session.kill(ray_session.get_actor(sig.name, namespace=StopSignal.NAMESPACE))
+
+
+def test_console_lines_reach_rays_unbuffered_stdout_in_one_write(tmp_path):
+    """Under Ray a worker's stdout flushes every write (ray._private.utils.Unbuffered), and Ray's log monitor reads
+    a line's text and a newline written apart as two lines (an empty `(TrainController ...)` line on the console):
+    every console line of the sink must be a single write that ends in its newline."""
+    from ray._private.utils import Unbuffered
+
+    class Writes:
+        def __init__(self):
+            self.calls = []
+
+        def write(self, s):
+            self.calls.append(s)
+            return len(s)
+
+        def flush(self):
+            pass
+
+    raw = Writes()
+    sink = MetricsSink(str(tmp_path), 10, console=True, stream=Unbuffered(raw))
+    sink.log({"step": 5, "phase": "recovery", "bag_size": 1, "train_loss": 6.0, "lr": 1e-3, "tokens_per_s": 100.0})
+    sink.message("[tst] a message")
+    assert len(raw.calls) == 2 and all(c.endswith("\n") and c.count("\n") == 1 for c in raw.calls), raw.calls
+    assert raw.calls[0].startswith("step  5/10 ") and raw.calls[1] == "[tst] a message\n"

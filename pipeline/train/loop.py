@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from pipeline.train.checkpoint import CHECKPOINT_FORMAT
 from pipeline.config import Config
-from pipeline.train.metrics import StepTimer, machine_info, peak_flops_for
+from pipeline.train.metrics import StepTimer, machine_info, peak_flops_for, say
 
 PHASES = ("superposition", "recovery")
 
@@ -230,9 +230,9 @@ class Trainer:
         self.state.step = int(meta["step"])
         self.state.elapsed_s = float(meta.get("elapsed_s", 0.0))
         if self.rank == 0:
-            print(f"[tst] resumed from {path} at step {self.state.step}/{self.T} "
-                  f"(data position {meta.get('data_position')}, saved by {meta.get('world_size')} workers, "
-                  f"now {self.world_size})", flush=True)
+            say(f"[tst] resumed from {path} at step {self.state.step}/{self.T} "
+                f"(data position {meta.get('data_position')}, saved by {meta.get('world_size')} workers, "
+                f"now {self.world_size})")
 
     # -- evaluation -------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -404,8 +404,8 @@ class Trainer:
             if stop:
                 status = "stopped"
                 if self.rank == 0:
-                    print(f"[tst] stop requested (SIGTERM): checkpoint written at step {done}/{self.T}; resume "
-                          f"with `tst train --resume <run>`", flush=True)
+                    say(f"[tst] stop requested (SIGTERM): checkpoint written at step {done}/{self.T}; resume "
+                        f"with `tst train --resume <run>`")
                 break
         if hasattr(it, "close"):
             it.close()

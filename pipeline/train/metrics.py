@@ -125,6 +125,17 @@ def _jsonable(d: dict) -> dict:
     return out
 
 
+def say(text: str, stream=None) -> None:
+    """One console line in one write. Under Ray a worker's stdout is Ray's `Unbuffered` wrapper (each write flushed
+    at once), so `print`'s two writes, the text and then its newline, can reach the log file apart; Ray's log monitor
+    then reads the text as one line and the newline as another, and the driver shows an empty
+    `(TrainController pid=...)` line (seen once in a `tst demo`, 2026-12-03). Lines printed in Ray's processes go
+    through here."""
+    stream = stream or sys.stdout
+    stream.write(text + "\n")
+    stream.flush()
+
+
 class MetricsSink:
     """Console + JSON Lines + (optionally) MLflow, written from one process.
 
@@ -156,13 +167,13 @@ class MetricsSink:
         if self.tracker is not None:
             self.tracker.log_metrics(metrics, step=int(metrics["step"]))
         if self.console and metrics.get("kind") != "final":
-            print(format_progress(metrics, self.total_steps), file=self.stream, flush=True)
+            say(format_progress(metrics, self.total_steps), self.stream)
         for listener in self.listeners:
             listener(metrics)
 
     def message(self, text: str) -> None:
         if self.console:
-            print(text, file=self.stream, flush=True)
+            say(text, self.stream)
 
 
 class StepTimer:

@@ -24,6 +24,7 @@ from ray.train import UserCallback
 
 from pipeline import ray_internals
 from pipeline.ray_session import on_local_ray
+from pipeline.train.metrics import say
 
 
 class RayReporter:
@@ -86,8 +87,8 @@ class RayReporter:
             cands.append(latest)
         name = lambda c: os.path.basename(c.path.rstrip("/"))  # noqa: E731
         cands.sort(key=name)  # step_%08d: name order is step order
-        say = (lambda line: print(line, flush=True)) if self.rank == 0 else (lambda line: None)
-        with newest_verified(cands, as_directory=lambda c: c.as_directory(), name=name, say=say) as path:
+        with newest_verified(cands, as_directory=lambda c: c.as_directory(), name=name,
+                             say=say if self.rank == 0 else (lambda line: None)) as path:
             yield path
 
     def last_good_checkpoint(self) -> Optional[str]:
@@ -182,8 +183,8 @@ class MetricsCallback(UserCallback):
             rank, exc = min(fatal.items())
             raise FatalWorkerError(f"{type(exc).__name__} on worker {rank}: {_first_line(exc)}", exc)
         for rank, exc in worker_exceptions.items():
-            print(f"[tst] worker {rank} failed: {type(exc).__name__}: {_first_line(exc)}"
-                  f" — restarting from the last checkpoint if failures remain", flush=True)
+            say(f"[tst] worker {rank} failed: {type(exc).__name__}: {_first_line(exc)}"
+                f" — restarting from the last checkpoint if failures remain")
 
 
 class _StopRequested:
