@@ -43,6 +43,10 @@ still goes to its log file):
   stdout reaches the driver too. RAY_TRAIN_ENABLE_PRINT_PATCH=0 (a variable Ray Train propagates from the
   driver to its controller and workers; set by `ray_train_env` before every fit, on a cluster too): a print is
   one line again (measured: 2 copies with the patch, 1 without).
+- Ray core, an empty "(TrainController pid=...)" line now and then after a progress line: a Ray worker's stdout
+  flushes every write (`Unbuffered`), `print` writes the text and its newline apart, and the log monitor, reading
+  between the two, publishes the text and then the newline as a line of its own. Lines printed in Ray's processes
+  go through `pipeline.train.metrics.say`, one write each (tests/test_trainer.py).
 
 Kept on purpose: Ray's INFO "Started a local Ray instance." (with scaling.ray_dashboard=true: "View the dashboard
 at ...", where it is), and every WARNING or ERROR that is not one of the above.
