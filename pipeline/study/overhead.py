@@ -41,12 +41,14 @@ class BusySampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="busy-sampler")
 
+    def _sample(self) -> None:
+        self.samples.append((time.time(), busy_cpu_s()))
+
     def _run(self) -> None:
-        while True:
-            self.samples.append((time.time(), busy_cpu_s()))
-            if self._stop.wait(self.every):
-                self.samples.append((time.time(), busy_cpu_s()))
-                return
+        self._sample()
+        while not self._stop.wait(self.every):
+            self._sample()
+        self._sample()
 
     def __enter__(self) -> "BusySampler":
         self._thread.start()
@@ -139,16 +141,12 @@ class ProcessSampler(BusySampler):
             except (OSError, IndexError, ValueError):
                 continue
 
-    def _run(self) -> None:
-        while True:
-            self.samples.append((time.time(), busy_cpu_s()))
-            if self._scanning and self._until is not None and self._until():
-                self._scanning = False
-            if self._scanning:
-                self._sample_procs()
-            if self._stop.wait(self.every):
-                self.samples.append((time.time(), busy_cpu_s()))
-                return
+    def _sample(self) -> None:
+        super()._sample()
+        if self._scanning and self._until is not None and self._until():
+            self._scanning = False
+        if self._scanning:
+            self._sample_procs()
 
     def by_process(self, t: float) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -189,11 +187,11 @@ def run_once(mode: str, name: str, overrides: list[str], out: str, warmup: int, 
     recs = [r for r in JsonlWriter(metrics).read() if "step" in r]
     first = next(r for r in recs if r.get("kind") != "final")
     t_first = first["logged_at"] - first["elapsed_s"]
-    out = {"first_step_s": t_first - t0, "startup_busy_cpu_s": busy.between(t0, t_first), "total_s": total,
-           "steps_per_s": steady_rate(recs, warmup) if warmup < recs[-1]["step"] else None}
+    result = {"first_step_s": t_first - t0, "startup_busy_cpu_s": busy.between(t0, t_first), "total_s": total,
+              "steps_per_s": steady_rate(recs, warmup) if warmup < recs[-1]["step"] else None}
     if by_process:
-        out["startup_cpu_by_process"] = busy.by_process(t_first)
-    return out
+        result["startup_cpu_by_process"] = busy.by_process(t_first)
+    return result
 
 
 def background_busy(seconds: float = 3.0) -> float:
